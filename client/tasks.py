@@ -1,0 +1,101 @@
+"""What a site does in a round, in plain Python: no Flower types cross this module's boundary.
+
+Each function takes the global weights as a ``name -> array`` dict and returns the site's
+weights and aggregate metrics (counts and means only, never per-patient values).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from functools import lru_cache
+
+import numpy as np
+
+from common.datasets import HipDataset, PairDataset
+from common.device import seed_everything
+from common.evaluation import site_evaluation
+from common.models.factory import build_staging, build_translation
+from common.run_config import RunConfig, SiteConfig
+from common.site_data import SiteData, load_site
+from common.training import evaluate_translation, predict_staging, train_staging, train_translation
+from common.weights import get_local_state, get_shared_state, set_shared_state
+
+log = logging.getLogger("onfh.client")
+
+LocalState = dict[str, np.ndarray]
+
+
+@lru_cache(maxsize=4)
+def _load(site: SiteConfig, cfg: RunConfig) -> SiteData:
+    return load_site(site.data_dir, site.cache_dir, cfg.preprocess, split_seed=cfg.seed, name=site.site_name)
+
+
+def site_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
+    """The site's data, from the process-level memo or the on-disk cache."""
+    return _load(site, cfg)
+
+
+def round_seed(cfg: RunConfig, phase: str, phase_round: int, site_name: str) -> int:
+    """Deterministic per (run seed, phase, round, site): a resumed run repeats the same steps."""
+    return (cfg.seed * 1_000_003 + zlib.crc32(f"{phase}/{phase_round}/{site_name}".encode())) % (2**31)
+
+
+def _model(phase: str, cfg: RunConfig, global_arrays: dict[str, np.ndarray], local: LocalState | None):
+    net = build_translation(cfg.model) if phase == "pretrain" else build_staging(cfg.model)
+    set_shared_state(net, global_arrays)
+    if cfg.fedbn and local:
+        set_shared_state(net, local)  # the site's own normalisation layers (FedBN)
+    return net
+
+
+def train_round(phase: str, site: SiteConfig, cfg: RunConfig, global_arrays: dict[str, np.ndarray],
+                phase_round: int, local: LocalState | None) -> tuple[dict[str, np.ndarray], dict[str, float], LocalState]:
+    """One round of local training. Returns (weights to send, metrics, local state to keep)."""
+    started = time.time()
+    data = site_data(site, cfg)
+    seed = round_seed(cfg, phase, phase_round, site.site_name)
+    seed_everything(seed)
+    net = _model(phase, cfg, global_arrays, local)
+    reference = {k: v.copy() for k, v in global_arrays.items()}
+    if phase == "pretrain":
+        mr, ct = data.pair_set("train", "val")
+        if len(mr) == 0:  # no MR-CT pairs at this site: it sits this phase out
+            return global_arrays, {"num-examples": 0, "loss": 0.0, "train-seconds": 0.0}, local or {}
+        if len(mr) > cfg.pretrain_max_pairs:
+            pick = np.random.default_rng(seed).choice(len(mr), cfg.pretrain_max_pairs, replace=False)
+            mr, ct = mr[np.sort(pick)], ct[np.sort(pick)]
+        stats = train_translation(net, PairDataset(mr, ct, augment=cfg.augment), cfg.pretrain_training(seed),
+                                  reference_state=reference)
+    else:
+        images, available, stages = data.staging_set("train")
+        if len(stages) == 0:
+            return global_arrays, {"num-examples": 0, "loss": 0.0, "train-seconds": 0.0}, local or {}
+        stats = train_staging(net, HipDataset(images, available, stages, augment=cfg.augment),
+                              cfg.stage_training(seed), reference_state=reference)
+    metrics = {
+        "num-examples": int(stats["n_samples"]),
+        "loss": float(stats["loss"]),
+        "train-seconds": float(time.time() - started),
+    }
+    return get_shared_state(net, cfg.fedbn, cfg.update_dtype), metrics, get_local_state(net) if cfg.fedbn else {}
+
+
+def evaluate_round(phase: str, split: str, site: SiteConfig, cfg: RunConfig, global_arrays: dict[str, np.ndarray],
+                   local: LocalState | None) -> dict[str, float | list[float]]:
+    """Score the global model on the site's own ``split`` hips (or pairs); aggregates only."""
+    data = site_data(site, cfg)
+    net = _model(phase, cfg, global_arrays, local)
+    if phase == "pretrain":
+        mr, ct = data.pair_set(split)
+        if len(mr) == 0:
+            return {"num-examples": 0, "mae-hu": 0.0, "psnr": 0.0, "ssim": 0.0}
+        m = evaluate_translation(net, PairDataset(mr, ct), ct_window_hu=cfg.preprocess.ct_window_hu)
+        return {"num-examples": int(len(mr)), "mae-hu": float(m["mae_hu"]), "psnr": float(m["psnr"]),
+                "ssim": float(m["ssim"])}
+    images, available, stages = data.staging_set(split)
+    if len(stages) == 0:
+        return {"num-examples": 0}
+    probs, labels = predict_staging(net, HipDataset(images, available, stages))
+    return site_evaluation(probs, labels, bins=cfg.histogram_bins)

@@ -1,0 +1,212 @@
+"""Flower strategies chosen by config, wrapped with update validation, failure accounting,
+secure-aggregate evaluation (score histograms) and per-round checkpoints.
+
+The wrapper overrides only ``configure_*`` and ``aggregate_*`` and calls ``super()``, so any of
+Flower's strategies keeps its own aggregation rule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+)
+
+from common.evaluation import pooled_staging_metrics
+from common.run_config import RunConfig
+from server.records import from_record, to_record
+from server.validation import update_problem
+
+log = logging.getLogger("onfh.server")
+
+BASES = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+}
+
+
+@dataclass
+class PhaseState:
+    """What the wrapper learns during one phase; the server app checkpoints it each round."""
+
+    phase: str
+    round_offset: int = 0
+    sites: dict[int, str] = field(default_factory=dict)  # node id -> site name (not patient data)
+    failures: list[dict] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)
+    last_arrays: ArrayRecord | None = None
+    last_sent: list[int] = field(default_factory=list)
+
+
+class GuardedStrategy:
+    """Mixin placed before a Flower strategy class (see :func:`build_strategy`)."""
+
+    def guard(
+        self,
+        state: PhaseState,
+        reference: dict[str, np.ndarray],
+        min_sites: int,
+        on_round_end: Callable[[int, ArrayRecord, dict], None],
+    ) -> None:
+        self.state = state
+        self.reference = {k: (tuple(v.shape), str(v.dtype)) for k, v in reference.items()}
+        self.min_sites = min_sites
+        self.on_round_end = on_round_end
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _absolute(self, server_round: int) -> int:
+        return self.state.round_offset + server_round
+
+    def _site(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if msg.has_content() and "site" in msg.content.config_records:
+            self.state.sites[node] = str(msg.content.config_records["site"]["site-name"])
+        return self.state.sites.get(node, f"node-{node}")
+
+    def _fail(self, server_round: int, stage: str, site: str, reason: str) -> None:
+        entry = {"phase": self.state.phase, "round": self._absolute(server_round), "step": stage,
+                 "site": site, "reason": reason}
+        self.state.failures.append(entry)
+        log.warning("round %d %s: site %s rejected: %s", entry["round"], stage, site, reason)
+
+    def _screen(self, server_round: int, replies: Iterable[Message], step: str, check_arrays: bool) -> list[Message]:
+        """Keep the sound replies; record every failure and every missing reply."""
+        replies = list(replies)
+        replied = {m.metadata.src_node_id for m in replies}
+        for node in self.state.last_sent:
+            if node not in replied:
+                self._fail(server_round, step, self.state.sites.get(node, f"node-{node}"), "no reply before the round timeout")
+        kept = []
+        for msg in replies:
+            site = self._site(msg)
+            if msg.has_error():
+                self._fail(server_round, step, site, f"site error: {msg.error.reason}")
+                continue
+            metrics = next(iter(msg.content.metric_records.values()), None)
+            if metrics is None or "num-examples" not in metrics:
+                self._fail(server_round, step, site, "reply has no 'num-examples' metric")
+                continue
+            if float(metrics["num-examples"]) <= 0:
+                continue  # the site has no data for this phase: it does not take part
+            if check_arrays:
+                records = list(msg.content.array_records.values())
+                if len(records) != 1:
+                    self._fail(server_round, step, site, f"reply carries {len(records)} array records, expected 1")
+                    continue
+                arrays = from_record(records[0])
+                problem = update_problem(self.reference, arrays)
+                if problem:
+                    self._fail(server_round, step, site, problem)
+                    continue
+                # Aggregate in float32 whatever the wire dtype was.
+                key = next(iter(msg.content.array_records.keys()))
+                msg.content[key] = to_record(
+                    {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
+                )
+            kept.append(msg)
+        if len(kept) < self.min_sites:
+            raise RuntimeError(
+                f"phase {self.state.phase} round {self._absolute(server_round)}: only {len(kept)} usable "
+                f"{step} replies, fewer than min-sites={self.min_sites}; failures: {self.state.failures[-5:]}"
+            )
+        return kept
+
+    # -- Flower hooks ------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        config["phase"] = self.state.phase
+        config["phase-round"] = self._absolute(server_round)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.state.last_sent = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        kept = self._screen(server_round, replies, "train", check_arrays=True)
+        arrays, metrics = super().aggregate_train(server_round, kept)
+        self.state.last_arrays = arrays
+        self.state.rounds.append(
+            {"round": self._absolute(server_round), "train": dict(metrics or {}), "train-sites": len(kept)}
+        )
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        config["phase"] = self.state.phase
+        config.setdefault("split", "val")
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.state.last_sent = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        kept = self._screen(server_round, replies, "evaluate", check_arrays=False)
+        summary = summarise_evaluation(self.state.phase, kept, self._site)
+        metrics = MetricRecord({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        if self.state.rounds and self.state.rounds[-1]["round"] == self._absolute(server_round):
+            self.state.rounds[-1]["evaluate"] = summary
+        if self.state.last_arrays is not None:
+            self.on_round_end(self._absolute(server_round), self.state.last_arrays, summary)
+        return metrics
+
+
+def summarise_evaluation(phase: str, replies: list[Message], site_of: Callable[[Message], str]) -> dict:
+    """Pool the sites' evaluation replies: sums of histograms and confusion counts (stage phase),
+    example-weighted means (pretraining phase), and each site's own figures."""
+    per_site: dict[str, dict] = {}
+    total = 0.0
+    for msg in replies:
+        record = next(iter(msg.content.metric_records.values()))
+        per_site[site_of(msg)] = {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
+        total += float(record["num-examples"])
+    summary: dict = {"num-examples": total, "sites": {}}
+    if phase == "stage":
+        hists = [np.asarray(s["score-histogram"], dtype=np.float64) for s in per_site.values()]
+        confs = [np.asarray(s["confusion"], dtype=np.float64) for s in per_site.values()]
+        if hists:
+            summary.update(pooled_staging_metrics(sum(hists), sum(confs)))
+        for name, s in per_site.items():
+            summary["sites"][name] = {k: v for k, v in s.items() if not isinstance(v, list)}
+    else:
+        for key in ("mae-hu", "psnr", "ssim"):
+            if total > 0:
+                summary[key] = sum(float(s[key]) * float(s["num-examples"]) for s in per_site.values()) / total
+        summary["sites"] = per_site
+    return summary
+
+
+def build_strategy(cfg: RunConfig, n_sites_hint: int = 1) -> GuardedStrategy:
+    """A Flower strategy of the configured kind, wrapped by :class:`GuardedStrategy`."""
+    base = BASES[cfg.strategy]
+    cls = type(f"Guarded{base.__name__}", (GuardedStrategy, base), {})
+    common = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_sites,
+        min_evaluate_nodes=cfg.min_sites,
+        min_available_nodes=max(cfg.min_sites, n_sites_hint),
+    )
+    if cfg.strategy == "fedprox":
+        return cls(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy in ("fedadam", "fedyogi", "fedadagrad"):
+        return cls(**common, eta=cfg.server_lr, eta_l=cfg.stage_lr)
+    if cfg.strategy == "fedavgm":
+        return cls(**common, server_learning_rate=1.0, server_momentum=0.9)
+    if cfg.strategy == "fedtrimmedavg":
+        return cls(**common, beta=cfg.trimmed_beta)
+    return cls(**common)
