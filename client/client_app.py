@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import tasks
@@ -25,7 +25,9 @@ def _local(context: Context, phase: str) -> dict | None:
 
 
 def _reply(msg: Message, site: SiteConfig, metrics: dict, arrays: dict | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-name": site.site_name})})
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-name": site.site_name})}
+    )
     if arrays is not None:
         content["arrays"] = to_record(arrays)
     return Message(content=content, reply_to=msg)
@@ -47,7 +49,9 @@ def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -
     cfg, site = _setup(context, overrides)
     config = msg.content["config"]
     phase, split = str(config.get("phase", "stage")), str(config.get("split", "val"))
-    metrics = tasks.evaluate_round(phase, split, site, cfg, from_record(msg.content["arrays"]), _local(context, phase))
+    metrics = tasks.evaluate_round(
+        phase, split, site, cfg, from_record(msg.content["arrays"]), _local(context, phase)
+    )
     return _reply(msg, site, metrics)
 
 

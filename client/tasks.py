@@ -50,8 +50,14 @@ def _model(phase: str, cfg: RunConfig, global_arrays: dict[str, np.ndarray], loc
     return net
 
 
-def train_round(phase: str, site: SiteConfig, cfg: RunConfig, global_arrays: dict[str, np.ndarray],
-                phase_round: int, local: LocalState | None) -> tuple[dict[str, np.ndarray], dict[str, float], LocalState]:
+def train_round(
+    phase: str,
+    site: SiteConfig,
+    cfg: RunConfig,
+    global_arrays: dict[str, np.ndarray],
+    phase_round: int,
+    local: LocalState | None,
+) -> tuple[dict[str, np.ndarray], dict[str, float], LocalState]:
     """One round of local training. Returns (weights to send, metrics, local state to keep)."""
     started = time.time()
     data = site_data(site, cfg)
@@ -66,24 +72,42 @@ def train_round(phase: str, site: SiteConfig, cfg: RunConfig, global_arrays: dic
         if len(mr) > cfg.pretrain_max_pairs:
             pick = np.random.default_rng(seed).choice(len(mr), cfg.pretrain_max_pairs, replace=False)
             mr, ct = mr[np.sort(pick)], ct[np.sort(pick)]
-        stats = train_translation(net, PairDataset(mr, ct, augment=cfg.augment), cfg.pretrain_training(seed),
-                                  reference_state=reference)
+        stats = train_translation(
+            net,
+            PairDataset(mr, ct, augment=cfg.augment),
+            cfg.pretrain_training(seed),
+            reference_state=reference,
+        )
     else:
         images, available, stages = data.staging_set("train")
         if len(stages) == 0:
             return global_arrays, {"num-examples": 0, "loss": 0.0, "train-seconds": 0.0}, local or {}
-        stats = train_staging(net, HipDataset(images, available, stages, augment=cfg.augment),
-                              cfg.stage_training(seed), reference_state=reference)
+        stats = train_staging(
+            net,
+            HipDataset(images, available, stages, augment=cfg.augment),
+            cfg.stage_training(seed),
+            reference_state=reference,
+        )
     metrics = {
         "num-examples": int(stats["n_samples"]),
         "loss": float(stats["loss"]),
         "train-seconds": float(time.time() - started),
     }
-    return get_shared_state(net, cfg.fedbn, cfg.update_dtype), metrics, get_local_state(net) if cfg.fedbn else {}
+    return (
+        get_shared_state(net, cfg.fedbn, cfg.update_dtype),
+        metrics,
+        get_local_state(net) if cfg.fedbn else {},
+    )
 
 
-def evaluate_round(phase: str, split: str, site: SiteConfig, cfg: RunConfig, global_arrays: dict[str, np.ndarray],
-                   local: LocalState | None) -> dict[str, float | list[float]]:
+def evaluate_round(
+    phase: str,
+    split: str,
+    site: SiteConfig,
+    cfg: RunConfig,
+    global_arrays: dict[str, np.ndarray],
+    local: LocalState | None,
+) -> dict[str, float | list[float]]:
     """Score the global model on the site's own ``split`` hips (or pairs); aggregates only."""
     data = site_data(site, cfg)
     net = _model(phase, cfg, global_arrays, local)
@@ -92,8 +116,12 @@ def evaluate_round(phase: str, split: str, site: SiteConfig, cfg: RunConfig, glo
         if len(mr) == 0:
             return {"num-examples": 0, "mae-hu": 0.0, "psnr": 0.0, "ssim": 0.0}
         m = evaluate_translation(net, PairDataset(mr, ct), ct_window_hu=cfg.preprocess.ct_window_hu)
-        return {"num-examples": int(len(mr)), "mae-hu": float(m["mae_hu"]), "psnr": float(m["psnr"]),
-                "ssim": float(m["ssim"])}
+        return {
+            "num-examples": int(len(mr)),
+            "mae-hu": float(m["mae_hu"]),
+            "psnr": float(m["psnr"]),
+            "ssim": float(m["ssim"]),
+        }
     images, available, stages = data.staging_set(split)
     if len(stages) == 0:
         return {"num-examples": 0}

@@ -31,7 +31,7 @@ def site_evaluation(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[st
     pred = probs.argmax(axis=1)
     confusion = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
     np.add.at(confusion, (labels, pred), 1)
-    site_auroc = auroc_from_histograms(hist)["macro"]
+    site_auroc = auroc_from_histograms(hist)["macro_auroc"]
     return {
         "num-examples": int(len(labels)),
         "score-histogram": hist.astype(np.float64).ravel().tolist(),
@@ -46,9 +46,9 @@ def pooled_staging_metrics(histogram_sum: np.ndarray, confusion_sum: np.ndarray)
     hist = np.asarray(histogram_sum, dtype=np.float64).reshape(N_CLASSES, 2, -1)
     confusion = np.asarray(confusion_sum, dtype=np.float64).reshape(N_CLASSES, N_CLASSES).round().astype(int)
     aurocs = auroc_from_histograms(hist)
-    out: dict[str, float] = {"macro-auroc": float(aurocs["macro"])}
+    out: dict[str, float] = {"macro-auroc": float(aurocs["macro_auroc"])}
     for i, stage in enumerate(STAGES):
-        value = aurocs["per_class"][i]
+        value = aurocs["per_class_auroc"][i]
         out[f"auroc-stage-{stage}"] = float(value) if value is not None and np.isfinite(value) else -1.0
     n = int(confusion.sum())
     out["n-hips"] = float(n)

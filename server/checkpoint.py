@@ -45,7 +45,11 @@ def save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
-    state = {"phase": checkpoint.phase, "completed_round": checkpoint.completed_round, "history": checkpoint.history}
+    state = {
+        "phase": checkpoint.phase,
+        "completed_round": checkpoint.completed_round,
+        "history": checkpoint.history,
+    }
     payload = dict(checkpoint.arrays)
     payload.update({OPTIMISER_PREFIX + k: v for k, v in checkpoint.optimiser.items()})
     payload[STATE_KEY] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
@@ -55,15 +59,21 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
 def read_checkpoint(path: Path) -> Checkpoint:
     """Load a checkpoint; a missing or unreadable file raises ValueError naming it and the fix."""
     if not path.is_file():
-        raise ValueError(f"no checkpoint at {path}: start the run without resume, or give the run name it was saved under")
+        raise ValueError(
+            f"no checkpoint at {path}: start the run without resume, or give the run name it was saved under"
+        )
     try:
         with np.load(path) as data:
             content = {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
         raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
     state = json.loads(content.pop(STATE_KEY).tobytes().decode())
-    optimiser = {k[len(OPTIMISER_PREFIX):]: content.pop(k) for k in list(content) if k.startswith(OPTIMISER_PREFIX)}
-    return Checkpoint(state["phase"], int(state["completed_round"]), content, state.get("history", {}), optimiser)
+    optimiser = {
+        k[len(OPTIMISER_PREFIX) :]: content.pop(k) for k in list(content) if k.startswith(OPTIMISER_PREFIX)
+    }
+    return Checkpoint(
+        state["phase"], int(state["completed_round"]), content, state.get("history", {}), optimiser
+    )
 
 
 def strategy_optimiser_state(strategy: object) -> dict[str, np.ndarray]:

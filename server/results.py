@@ -25,11 +25,22 @@ log = logging.getLogger("onfh.server")
 class RunRecorder:
     """Appends one JSON line per round and writes the final outputs of a run."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, run_config: dict) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
         self.metrics_path = run_dir / "metrics.jsonl"
         self.started = time.time()
+        # The server's log beside its results (aggregates and site names only).
+        self.log_handler = logging.FileHandler(run_dir / "server.log")
+        self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        for name in ("onfh", "flwr"):
+            logging.getLogger(name).addHandler(self.log_handler)
+
+    def close(self) -> None:
+        for name in ("onfh", "flwr"):
+            logging.getLogger(name).removeHandler(self.log_handler)
+        self.log_handler.close()
 
     def round_done(self, phase: str, round_no: int, entry: dict) -> None:
         line = {"phase": phase, "round": round_no, "time": time.time(), **entry}
@@ -37,11 +48,19 @@ class RunRecorder:
             handle.write(json.dumps(_jsonable(line)) + "\n")
         ev = entry.get("evaluate", {})
         if phase == "stage":
-            log.info("[stage round %d] val macro AUROC %.3f (%d hips)", round_no, ev.get("macro-auroc", float("nan")),
-                     int(ev.get("num-examples", 0)))
+            log.info(
+                "[stage round %d] val macro AUROC %.3f (%d hips)",
+                round_no,
+                ev.get("macro-auroc", float("nan")),
+                int(ev.get("num-examples", 0)),
+            )
         else:
-            log.info("[pretrain round %d] val MAE %.1f HU, PSNR %.2f dB", round_no, ev.get("mae-hu", float("nan")),
-                     ev.get("psnr", float("nan")))
+            log.info(
+                "[pretrain round %d] val MAE %.1f HU, PSNR %.2f dB",
+                round_no,
+                ev.get("mae-hu", float("nan")),
+                ev.get("psnr", float("nan")),
+            )
 
     def write_final(self, results: dict, model_arrays: dict[str, np.ndarray]) -> Path:
         results = {**results, "wall-seconds": time.time() - self.started}
@@ -59,7 +78,9 @@ class RunRecorder:
             fig, ax = plt.subplots(1, 2, figsize=(10, 4))
             xs = [r["round"] for r in rounds]
             ax[0].plot(xs, [r.get("evaluate", {}).get("macro-auroc", np.nan) for r in rounds], "o-")
-            ax[0].set(xlabel="round", ylabel="pooled macro AUROC (val)", title="Staging, federated", ylim=(0.4, 1.0))
+            ax[0].set(
+                xlabel="round", ylabel="pooled macro AUROC (val)", title="Staging, federated", ylim=(0.4, 1.0)
+            )
             ax[1].plot(xs, [r.get("train", {}).get("loss", np.nan) for r in rounds], "o-")
             ax[1].set(xlabel="round", ylabel="mean local training loss", title="Training loss")
             fig.tight_layout()
@@ -83,7 +104,7 @@ def roc_from_histogram(hist_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def plot_roc(histogram: np.ndarray, path: Path) -> None:
     hist = histogram.reshape(len(STAGES), 2, -1)
     fig, ax = plt.subplots(figsize=(5, 5))
-    for i, stage in enumerate(STAGES):
+    for i in range(len(STAGES)):
         if hist[i, 1].sum() == 0 or hist[i, 0].sum() == 0:
             continue
         fpr, tpr = roc_from_histogram(hist[i])
@@ -103,8 +124,15 @@ def plot_confusion(confusion: np.ndarray, path: Path) -> None:
     ax.imshow(matrix, cmap="Blues")
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, int(v), ha="center", va="center")
-    ax.set(xticks=range(4), yticks=range(4), xticklabels=names, yticklabels=names,
-           xlabel="predicted stage", ylabel="true stage", title="Pooled confusion (test)")
+    ax.set(
+        xticks=range(4),
+        yticks=range(4),
+        xticklabels=names,
+        yticklabels=names,
+        xlabel="predicted stage",
+        ylabel="true stage",
+        title="Pooled confusion (test)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

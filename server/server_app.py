@@ -18,6 +18,7 @@ from server.checkpoint import (
     Checkpoint,
     read_checkpoint,
     restore_optimiser_state,
+    save_atomic,
     strategy_optimiser_state,
     write_checkpoint,
 )
@@ -32,7 +33,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     """Both phases, checkpointed every round; returns the results written to ``cfg.run_dir``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     seed_everything(cfg.seed)
-    recorder = RunRecorder(cfg.run_dir)
+    recorder = RunRecorder(cfg.run_dir, cfg.to_dict())
     checkpoint_path = cfg.run_dir / "checkpoint.npz"
     resume = read_checkpoint(checkpoint_path) if cfg.resume else None
     if resume:
@@ -52,10 +53,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         else:
             start = resume.completed_round if resume else 0
             initial = resume.arrays if resume else get_shared_state(translation, cfg.fedbn)
-            pretrained = _run_phase(grid, cfg, "pretrain", initial, start, cfg.pretrain_rounds, history, recorder,
-                                    n_nodes, resume)
-            from server.checkpoint import save_atomic
-
+            pretrained = _run_phase(
+                grid, cfg, "pretrain", initial, start, cfg.pretrain_rounds, history, recorder, n_nodes, resume
+            )
             save_atomic(pretrain_path, pretrained)
         set_shared_state(translation, pretrained)
         loaded = load_pretrained_encoder(staging, translation.state_dict())
@@ -65,7 +65,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     stage_resume = resume if resume and resume.phase == "stage" else None
     start = stage_resume.completed_round if stage_resume else 0
     initial = stage_resume.arrays if stage_resume else get_shared_state(staging, cfg.fedbn)
-    final = _run_phase(grid, cfg, "stage", initial, start, cfg.stage_rounds, history, recorder, n_nodes, stage_resume)
+    final = _run_phase(
+        grid, cfg, "stage", initial, start, cfg.stage_rounds, history, recorder, n_nodes, stage_resume
+    )
 
     # Held-out test evaluation of the final global model, pooled from site aggregates.
     test = _final_test(grid, cfg, final, history, n_nodes)
@@ -77,18 +79,37 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         "history": history,
         "failures": history["failures"],
         "bytes-per-round": {
-            "pretrain-model": int(sum(v.nbytes for v in get_shared_state(translation, cfg.fedbn, cfg.update_dtype).values())),
-            "stage-model": int(sum(v.nbytes for v in get_shared_state(staging, cfg.fedbn, cfg.update_dtype).values())),
+            "pretrain-model": int(
+                sum(v.nbytes for v in get_shared_state(translation, cfg.fedbn, cfg.update_dtype).values())
+            ),
+            "stage-model": int(
+                sum(v.nbytes for v in get_shared_state(staging, cfg.fedbn, cfg.update_dtype).values())
+            ),
         },
     }
     path = recorder.write_final(results, model_arrays)
-    log.info("pooled test macro AUROC %.3f over %d hips; results in %s", test.get("macro-auroc", float("nan")),
-             int(test.get("n-hips", 0)), path)
+    log.info(
+        "pooled test macro AUROC %.3f over %d hips; results in %s",
+        test.get("macro-auroc", float("nan")),
+        int(test.get("n-hips", 0)),
+        path,
+    )
+    recorder.close()
     return results
 
 
-def _run_phase(grid: Grid, cfg: RunConfig, phase: str, initial: dict[str, np.ndarray], start: int, total: int,
-               history: dict, recorder: RunRecorder, n_nodes: int, resume: Checkpoint | None) -> dict[str, np.ndarray]:
+def _run_phase(
+    grid: Grid,
+    cfg: RunConfig,
+    phase: str,
+    initial: dict[str, np.ndarray],
+    start: int,
+    total: int,
+    history: dict,
+    recorder: RunRecorder,
+    n_nodes: int,
+    resume: Checkpoint | None,
+) -> dict[str, np.ndarray]:
     if total - start <= 0:
         return initial
     strategy = build_strategy(cfg, n_nodes)
@@ -99,8 +120,10 @@ def _run_phase(grid: Grid, cfg: RunConfig, phase: str, initial: dict[str, np.nda
     def on_round_end(round_no: int, arrays: ArrayRecord, summary: dict) -> None:
         entry = state.rounds[-1]
         recorder.round_done(phase, round_no, {k: v for k, v in entry.items() if k != "round"})
-        write_checkpoint(cfg.run_dir / "checkpoint.npz",
-                         Checkpoint(phase, round_no, from_record(arrays), history, strategy_optimiser_state(strategy)))
+        write_checkpoint(
+            cfg.run_dir / "checkpoint.npz",
+            Checkpoint(phase, round_no, from_record(arrays), history, strategy_optimiser_state(strategy)),
+        )
 
     strategy.guard(state, initial, cfg.min_sites, on_round_end)
     log.info("phase %s: rounds %d..%d with %s on %d sites", phase, start + 1, total, cfg.strategy, n_nodes)
@@ -115,7 +138,9 @@ def _run_phase(grid: Grid, cfg: RunConfig, phase: str, initial: dict[str, np.nda
     return from_record(result.arrays) if result.arrays is not None else initial
 
 
-def _final_test(grid: Grid, cfg: RunConfig, arrays: dict[str, np.ndarray], history: dict, n_nodes: int) -> dict:
+def _final_test(
+    grid: Grid, cfg: RunConfig, arrays: dict[str, np.ndarray], history: dict, n_nodes: int
+) -> dict:
     strategy = build_strategy(cfg, n_nodes)
     state = PhaseState(phase="stage", round_offset=cfg.stage_rounds, failures=history["failures"], rounds=[])
     strategy.guard(state, arrays, cfg.min_sites, lambda *a: None)

@@ -83,18 +83,30 @@ class GuardedStrategy:
         return self.state.sites.get(node, f"node-{node}")
 
     def _fail(self, server_round: int, stage: str, site: str, reason: str) -> None:
-        entry = {"phase": self.state.phase, "round": self._absolute(server_round), "step": stage,
-                 "site": site, "reason": reason}
+        entry = {
+            "phase": self.state.phase,
+            "round": self._absolute(server_round),
+            "step": stage,
+            "site": site,
+            "reason": reason,
+        }
         self.state.failures.append(entry)
         log.warning("round %d %s: site %s rejected: %s", entry["round"], stage, site, reason)
 
-    def _screen(self, server_round: int, replies: Iterable[Message], step: str, check_arrays: bool) -> list[Message]:
+    def _screen(
+        self, server_round: int, replies: Iterable[Message], step: str, check_arrays: bool
+    ) -> list[Message]:
         """Keep the sound replies; record every failure and every missing reply."""
         replies = list(replies)
         replied = {m.metadata.src_node_id for m in replies}
         for node in self.state.last_sent:
             if node not in replied:
-                self._fail(server_round, step, self.state.sites.get(node, f"node-{node}"), "no reply before the round timeout")
+                self._fail(
+                    server_round,
+                    step,
+                    self.state.sites.get(node, f"node-{node}"),
+                    "no reply before the round timeout",
+                )
         kept = []
         for msg in replies:
             site = self._site(msg)
@@ -110,7 +122,9 @@ class GuardedStrategy:
             if check_arrays:
                 records = list(msg.content.array_records.values())
                 if len(records) != 1:
-                    self._fail(server_round, step, site, f"reply carries {len(records)} array records, expected 1")
+                    self._fail(
+                        server_round, step, site, f"reply carries {len(records)} array records, expected 1"
+                    )
                     continue
                 arrays = from_record(records[0])
                 problem = update_problem(self.reference, arrays)
@@ -123,6 +137,7 @@ class GuardedStrategy:
                     {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
                 )
             kept.append(msg)
+        kept.sort(key=self._site)  # a fixed order makes the float sums, hence resumed runs, reproducible
         if len(kept) < self.min_sites:
             raise RuntimeError(
                 f"phase {self.state.phase} round {self._absolute(server_round)}: only {len(kept)} usable "
@@ -180,12 +195,15 @@ def summarise_evaluation(phase: str, replies: list[Message], site_of: Callable[[
         confs = [np.asarray(s["confusion"], dtype=np.float64) for s in per_site.values()]
         if hists:
             summary.update(pooled_staging_metrics(sum(hists), sum(confs)))
+            summary["score-histogram"] = sum(hists).tolist()
         for name, s in per_site.items():
             summary["sites"][name] = {k: v for k, v in s.items() if not isinstance(v, list)}
     else:
         for key in ("mae-hu", "psnr", "ssim"):
             if total > 0:
-                summary[key] = sum(float(s[key]) * float(s["num-examples"]) for s in per_site.values()) / total
+                summary[key] = (
+                    sum(float(s[key]) * float(s["num-examples"]) for s in per_site.values()) / total
+                )
         summary["sites"] = per_site
     return summary
 
