@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -12,6 +14,32 @@ from common.run_config import RunConfig, SiteConfig
 from server.records import from_record, to_record
 
 LOCAL_KEY = "fedbn-local-{phase}"
+
+log = logging.getLogger("onfh.client")
+
+
+class SiteError(RuntimeError):
+    """What the server learns of a failure at a site: the site, the step, the error type.
+
+    The full traceback stays in the site's own log: exception texts can carry file paths,
+    and a hospital's paths can carry patient names.
+    """
+
+
+def _guarded(
+    step: str, handler: Callable[..., Message], msg: Message, context: Context, overrides: dict[str, Any]
+) -> Message:
+    try:
+        return handler(msg, context, overrides)
+    except Exception as exc:  # a site's failure must not carry its details to the server
+        try:
+            site = _setup(context, overrides)[1].site_name
+        except Exception:
+            site = "unknown-site"
+        log.exception("site %s: %s failed", site, step)
+        raise SiteError(
+            f"site {site}: {type(exc).__name__} during {step}; details are in the site's log"
+        ) from None
 
 
 def _setup(context: Context, overrides: dict[str, Any]) -> tuple[RunConfig, SiteConfig]:
@@ -55,6 +83,12 @@ def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -
     return _reply(msg, site, metrics)
 
 
+def handle_query(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
+    """Site inventory: the site's name and how much data each phase can use (counts only)."""
+    cfg, site = _setup(context, overrides)
+    return _reply(msg, site, tasks.inventory(site, cfg))
+
+
 def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is pyproject's ``[tool.flwr.app.config]`` plus ``overrides``."""
     overrides = dict(overrides or {})
@@ -62,11 +96,15 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, overrides)
+        return _guarded("training", handle_train, msg, context, overrides)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, overrides)
+        return _guarded("evaluation", handle_evaluate, msg, context, overrides)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return _guarded("inventory", handle_query, msg, context, overrides)
 
     return app
 

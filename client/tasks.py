@@ -37,6 +37,19 @@ def site_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
     return _load(site, cfg)
 
 
+def inventory(site: SiteConfig, cfg: RunConfig) -> dict[str, int]:
+    """How much each phase can use at this site (counts only)."""
+    data = site_data(site, cfg)
+    return {
+        "num-examples": int(len(data.stages)),
+        "hips": int(len(data.stages)),
+        "labelled-train": int(len(data.staging_set("train")[2])),
+        "labelled-val": int(len(data.staging_set("val")[2])),
+        "labelled-test": int(len(data.staging_set("test")[2])),
+        "pairs": int(len(data.pairs_mr)),
+    }
+
+
 def round_seed(cfg: RunConfig, phase: str, phase_round: int, site_name: str) -> int:
     """Deterministic per (run seed, phase, round, site): a resumed run repeats the same steps."""
     return (cfg.seed * 1_000_003 + zlib.crc32(f"{phase}/{phase_round}/{site_name}".encode())) % (2**31)

@@ -1,12 +1,15 @@
-"""The ServerApp: federated MR-to-CT pretraining, encoder transfer, federated staging."""
+"""The ServerApp: site inventory, federated MR-to-CT pretraining, encoder transfer, federated
+staging, and a final held-out evaluation pooled from site aggregates."""
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common.device import seed_everything
@@ -29,20 +32,32 @@ from server.strategy import PhaseState, build_strategy, summarise_evaluation
 log = logging.getLogger("onfh.server")
 
 
+@dataclass
+class _Run:
+    """What every phase of one run shares."""
+
+    grid: Grid
+    cfg: RunConfig
+    history: dict
+    recorder: RunRecorder
+    sites: dict[int, str]  # node id -> site name
+
+    def phase_state(self, phase: str, start: int, rounds: list) -> PhaseState:
+        return PhaseState(phase, start, dict(self.sites), self.history["failures"], rounds)
+
+
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     """Both phases, checkpointed every round; returns the results written to ``cfg.run_dir``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     seed_everything(cfg.seed)
     recorder = RunRecorder(cfg.run_dir, cfg.to_dict())
-    checkpoint_path = cfg.run_dir / "checkpoint.npz"
-    resume = read_checkpoint(checkpoint_path) if cfg.resume else None
-    if resume:
-        log.info("resuming %s from %s round %d", cfg.run_dir, resume.phase, resume.completed_round)
+    resume = read_checkpoint(cfg.run_dir / "checkpoint.npz") if cfg.resume else None
     history: dict[str, Any] = resume.history if resume else {"pretrain": [], "stage": [], "failures": []}
-    n_nodes = len(list(grid.get_node_ids()))
+    if resume:
+        log.info("resuming %s after %s round %d", cfg.run_dir, resume.phase, resume.completed_round)
+    run = _Run(grid, cfg, history, recorder, {})
+    history["inventory"] = _site_inventory(run)
 
-    translation = build_translation(cfg.model)
-    staging = build_staging(cfg.model)
+    translation, staging = build_translation(cfg.model), build_staging(cfg.model)
 
     # Phase 1: federated MR-to-CT pretraining, then transfer of the encoder.
     if cfg.pretrained and cfg.pretrain_rounds > 0:
@@ -51,11 +66,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             with np.load(pretrain_path) as data:
                 pretrained = {k: data[k] for k in data.files}
         else:
-            start = resume.completed_round if resume else 0
             initial = resume.arrays if resume else get_shared_state(translation, cfg.fedbn)
-            pretrained = _run_phase(
-                grid, cfg, "pretrain", initial, start, cfg.pretrain_rounds, history, recorder, n_nodes, resume
-            )
+            pretrained = _run_phase(run, "pretrain", initial, cfg.pretrain_rounds, resume)
             save_atomic(pretrain_path, pretrained)
         set_shared_state(translation, pretrained)
         loaded = load_pretrained_encoder(staging, translation.state_dict())
@@ -63,30 +75,22 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
 
     # Phase 2: federated staging.
     stage_resume = resume if resume and resume.phase == "stage" else None
-    start = stage_resume.completed_round if stage_resume else 0
     initial = stage_resume.arrays if stage_resume else get_shared_state(staging, cfg.fedbn)
-    final = _run_phase(
-        grid, cfg, "stage", initial, start, cfg.stage_rounds, history, recorder, n_nodes, stage_resume
-    )
+    final = _run_phase(run, "stage", initial, cfg.stage_rounds, stage_resume)
 
-    # Held-out test evaluation of the final global model, pooled from site aggregates.
-    test = _final_test(grid, cfg, final, history, n_nodes)
+    test = _final_test(run, final)
     set_shared_state(staging, final)
-    model_arrays = {k: v.detach().cpu().numpy() for k, v in staging.state_dict().items()}
     results = {
         "config": cfg.to_dict(),
         "test": test,
         "history": history,
         "failures": history["failures"],
-        "bytes-per-round": {
-            "pretrain-model": int(
-                sum(v.nbytes for v in get_shared_state(translation, cfg.fedbn, cfg.update_dtype).values())
-            ),
-            "stage-model": int(
-                sum(v.nbytes for v in get_shared_state(staging, cfg.fedbn, cfg.update_dtype).values())
-            ),
+        "model-bytes": {
+            "pretrain": _nbytes(get_shared_state(translation, cfg.fedbn, cfg.update_dtype)),
+            "stage": _nbytes(get_shared_state(staging, cfg.fedbn, cfg.update_dtype)),
         },
     }
+    model_arrays = {k: v.detach().cpu().numpy() for k, v in staging.state_dict().items()}
     path = recorder.write_final(results, model_arrays)
     log.info(
         "pooled test macro AUROC %.3f over %d hips; results in %s",
@@ -98,37 +102,80 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     return results
 
 
+def _nbytes(arrays: dict[str, np.ndarray]) -> int:
+    return int(sum(v.nbytes for v in arrays.values()))
+
+
+def _site_inventory(run: _Run, wait_s: float = 120.0) -> dict[str, dict]:
+    """Ask every connected site for its name and data counts (aggregates only)."""
+    deadline = time.time() + wait_s
+    nodes = list(run.grid.get_node_ids())
+    while len(nodes) < run.cfg.min_sites and time.time() < deadline:
+        time.sleep(1.0)
+        nodes = list(run.grid.get_node_ids())
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"query": "inventory"})}),
+            dst_node_id=n,
+            message_type=MessageType.QUERY,
+        )
+        for n in nodes
+    ]
+    inventory: dict[str, dict] = {}
+    for reply in run.grid.send_and_receive(messages, timeout=run.cfg.round_timeout_s):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            run.history["failures"].append(
+                {
+                    "phase": "inventory",
+                    "round": 0,
+                    "step": "inventory",
+                    "site": f"node-{node}",
+                    "reason": reply.error.reason,
+                }
+            )
+            log.warning("node %d did not report its inventory: %s", node, reply.error.reason)
+            continue
+        name = str(reply.content.config_records["site"]["site-name"])
+        run.sites[node] = name
+        inventory[name] = {k: v for k, v in next(iter(reply.content.metric_records.values())).items()}
+    for name, counts in sorted(inventory.items()):
+        log.info(
+            "site %s: %d hips (%d labelled train), %d MR-CT pairs",
+            name,
+            counts["hips"],
+            counts["labelled-train"],
+            counts["pairs"],
+        )
+    return inventory
+
+
 def _run_phase(
-    grid: Grid,
-    cfg: RunConfig,
-    phase: str,
-    initial: dict[str, np.ndarray],
-    start: int,
-    total: int,
-    history: dict,
-    recorder: RunRecorder,
-    n_nodes: int,
-    resume: Checkpoint | None,
+    run: _Run, phase: str, initial: dict[str, np.ndarray], total: int, resume: Checkpoint | None
 ) -> dict[str, np.ndarray]:
+    start = resume.completed_round if resume else 0
     if total - start <= 0:
         return initial
-    strategy = build_strategy(cfg, n_nodes)
-    state = PhaseState(phase=phase, round_offset=start, failures=history["failures"], rounds=history[phase])
+    cfg = run.cfg
+    strategy = build_strategy(cfg)
+    state = run.phase_state(phase, start, run.history[phase])
     if resume:
         restore_optimiser_state(strategy, resume.optimiser)
 
     def on_round_end(round_no: int, arrays: ArrayRecord, summary: dict) -> None:
         entry = state.rounds[-1]
-        recorder.round_done(phase, round_no, {k: v for k, v in entry.items() if k != "round"})
+        run.recorder.round_done(phase, round_no, {k: v for k, v in entry.items() if k != "round"})
         write_checkpoint(
             cfg.run_dir / "checkpoint.npz",
-            Checkpoint(phase, round_no, from_record(arrays), history, strategy_optimiser_state(strategy)),
+            Checkpoint(phase, round_no, from_record(arrays), run.history, strategy_optimiser_state(strategy)),
         )
 
     strategy.guard(state, initial, cfg.min_sites, on_round_end)
-    log.info("phase %s: rounds %d..%d with %s on %d sites", phase, start + 1, total, cfg.strategy, n_nodes)
+    log.info(
+        "phase %s: rounds %d..%d, %s over %d sites", phase, start + 1, total, cfg.strategy, len(run.sites)
+    )
     result = strategy.start(
-        grid=grid,
+        grid=run.grid,
         initial_arrays=to_record(initial),
         num_rounds=total - start,
         timeout=cfg.round_timeout_s,
@@ -138,16 +185,15 @@ def _run_phase(
     return from_record(result.arrays) if result.arrays is not None else initial
 
 
-def _final_test(
-    grid: Grid, cfg: RunConfig, arrays: dict[str, np.ndarray], history: dict, n_nodes: int
-) -> dict:
-    strategy = build_strategy(cfg, n_nodes)
-    state = PhaseState(phase="stage", round_offset=cfg.stage_rounds, failures=history["failures"], rounds=[])
-    strategy.guard(state, arrays, cfg.min_sites, lambda *a: None)
-    messages = strategy.configure_evaluate(0, to_record(arrays), ConfigRecord({"split": "test"}), grid)
-    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout_s)
-    kept = strategy._screen(0, replies, "test", check_arrays=False)
-    return summarise_evaluation("stage", kept, strategy._site)
+def _final_test(run: _Run, arrays: dict[str, np.ndarray]) -> dict:
+    """Held-out test evaluation of the final global model, pooled from site aggregates."""
+    strategy = build_strategy(run.cfg)
+    state = run.phase_state("stage", run.cfg.stage_rounds, [])
+    strategy.guard(state, arrays, run.cfg.min_sites, lambda *a: None)
+    messages = strategy.configure_evaluate(0, to_record(arrays), ConfigRecord({"split": "test"}), run.grid)
+    replies = run.grid.send_and_receive(messages, timeout=run.cfg.round_timeout_s)
+    kept = strategy.screen(0, replies, "test", check_arrays=False)
+    return summarise_evaluation("stage", kept, strategy.site_of)
 
 
 def make_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
@@ -156,6 +202,7 @@ def make_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        logging.getLogger("onfh").setLevel(logging.INFO)
         cfg = RunConfig.from_dict({**dict(context.run_config), **(overrides or {})})
         run_federation(grid, cfg)
 

@@ -76,7 +76,7 @@ class GuardedStrategy:
     def _absolute(self, server_round: int) -> int:
         return self.state.round_offset + server_round
 
-    def _site(self, msg: Message) -> str:
+    def site_of(self, msg: Message) -> str:
         node = msg.metadata.src_node_id
         if msg.has_content() and "site" in msg.content.config_records:
             self.state.sites[node] = str(msg.content.config_records["site"]["site-name"])
@@ -93,7 +93,7 @@ class GuardedStrategy:
         self.state.failures.append(entry)
         log.warning("round %d %s: site %s rejected: %s", entry["round"], stage, site, reason)
 
-    def _screen(
+    def screen(
         self, server_round: int, replies: Iterable[Message], step: str, check_arrays: bool
     ) -> list[Message]:
         """Keep the sound replies; record every failure and every missing reply."""
@@ -109,7 +109,7 @@ class GuardedStrategy:
                 )
         kept = []
         for msg in replies:
-            site = self._site(msg)
+            site = self.site_of(msg)
             if msg.has_error():
                 self._fail(server_round, step, site, f"site error: {msg.error.reason}")
                 continue
@@ -137,7 +137,7 @@ class GuardedStrategy:
                     {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
                 )
             kept.append(msg)
-        kept.sort(key=self._site)  # a fixed order makes the float sums, hence resumed runs, reproducible
+        kept.sort(key=self.site_of)  # a fixed order makes the float sums, hence resumed runs, reproducible
         if len(kept) < self.min_sites:
             raise RuntimeError(
                 f"phase {self.state.phase} round {self._absolute(server_round)}: only {len(kept)} usable "
@@ -154,7 +154,7 @@ class GuardedStrategy:
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        kept = self._screen(server_round, replies, "train", check_arrays=True)
+        kept = self.screen(server_round, replies, "train", check_arrays=True)
         arrays, metrics = super().aggregate_train(server_round, kept)
         self.state.last_arrays = arrays
         self.state.rounds.append(
@@ -170,8 +170,8 @@ class GuardedStrategy:
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        kept = self._screen(server_round, replies, "evaluate", check_arrays=False)
-        summary = summarise_evaluation(self.state.phase, kept, self._site)
+        kept = self.screen(server_round, replies, "evaluate", check_arrays=False)
+        summary = summarise_evaluation(self.state.phase, kept, self.site_of)
         metrics = MetricRecord({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         if self.state.rounds and self.state.rounds[-1]["round"] == self._absolute(server_round):
             self.state.rounds[-1]["evaluate"] = summary
@@ -208,8 +208,11 @@ def summarise_evaluation(phase: str, replies: list[Message], site_of: Callable[[
     return summary
 
 
-def build_strategy(cfg: RunConfig, n_sites_hint: int = 1) -> GuardedStrategy:
-    """A Flower strategy of the configured kind, wrapped by :class:`GuardedStrategy`."""
+def build_strategy(cfg: RunConfig) -> GuardedStrategy:
+    """A Flower strategy of the configured kind, wrapped by :class:`GuardedStrategy`.
+
+    Every connected site is asked each round; a round needs ``min-sites`` usable replies.
+    """
     base = BASES[cfg.strategy]
     cls = type(f"Guarded{base.__name__}", (GuardedStrategy, base), {})
     common = dict(
@@ -217,7 +220,7 @@ def build_strategy(cfg: RunConfig, n_sites_hint: int = 1) -> GuardedStrategy:
         fraction_evaluate=1.0,
         min_train_nodes=cfg.min_sites,
         min_evaluate_nodes=cfg.min_sites,
-        min_available_nodes=max(cfg.min_sites, n_sites_hint),
+        min_available_nodes=cfg.min_sites,
     )
     if cfg.strategy == "fedprox":
         return cls(**common, proximal_mu=cfg.proximal_mu)
