@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from functools import lru_cache
 
 import numpy as np
 
@@ -27,14 +26,21 @@ log = logging.getLogger("onfh.client")
 LocalState = dict[str, np.ndarray]
 
 
-@lru_cache(maxsize=4)
-def _load(site: SiteConfig, cfg: RunConfig) -> SiteData:
-    return load_site(site.data_dir, site.cache_dir, cfg.preprocess, split_seed=cfg.seed, name=site.site_name)
+_LOADED: dict[tuple, SiteData] = {}
 
 
 def site_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
-    """The site's data, from the process-level memo or the on-disk cache."""
-    return _load(site, cfg)
+    """The site's data, from this process's memo or else the on-disk cache (built if needed).
+
+    A simulation worker serves several sites in turn, so a few are kept in memory.
+    """
+    key = (site.data_dir, site.cache_dir, site.site_name, cfg.preprocess, cfg.seed)
+    if key not in _LOADED:
+        if len(_LOADED) >= 4:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = load_site(site.data_dir, site.cache_dir, cfg.preprocess, split_seed=cfg.seed,
+                                 name=site.site_name)
+    return _LOADED[key]
 
 
 def inventory(site: SiteConfig, cfg: RunConfig) -> dict[str, int]:

@@ -8,7 +8,7 @@ indexes those raw dicts.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,6 @@ class SiteConfig:
     data_dir: Path
     cache_dir: Path
     device: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any], run: RunConfig) -> SiteConfig:

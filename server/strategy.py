@@ -8,6 +8,7 @@ Flower's strategies keeps its own aggregation rule.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -83,6 +84,10 @@ class GuardedStrategy:
         return self.state.sites.get(node, f"node-{node}")
 
     def _fail(self, server_round: int, stage: str, site: str, reason: str) -> None:
+        reason = short_reason(reason)
+        named = re.search(r"site ([\w.-]+): ", reason)
+        if site.startswith("node-") and named:
+            site = named.group(1)
         entry = {
             "phase": self.state.phase,
             "round": self._absolute(server_round),
@@ -178,6 +183,13 @@ class GuardedStrategy:
         if self.state.last_arrays is not None:
             self.on_round_end(self._absolute(server_round), self.state.last_arrays, summary)
         return metrics
+
+
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The useful line of an error reply (Flower/Ray wrap a site's error in tracebacks)."""
+    found = re.search(r"site [\w.-]+: [^\n'\\]+", reason)
+    text = found.group(0) if found else reason.strip().splitlines()[-1] if reason.strip() else "unknown error"
+    return text[:limit]
 
 
 def summarise_evaluation(phase: str, replies: list[Message], site_of: Callable[[Message], str]) -> dict:
