@@ -1,0 +1,71 @@
+"""Tests of ModelConfig, the builders and the helpers the federation uses."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from common.models.factory import (
+    ModelConfig,
+    build_staging,
+    build_translation,
+    count_parameters,
+    norm_layer_types,
+    norm_state_keys,
+)
+from common.models.staging import StagingNet
+from common.models.translation import TranslationUNet
+
+
+@pytest.mark.parametrize("preset", ["cpu-small", "vgg16"])
+@pytest.mark.parametrize("fusion", ["attention", "plain"])
+def test_builders_share_the_encoder_layout(preset, fusion):
+    cfg = ModelConfig(preset=preset, fusion=fusion)
+    translation, staging = build_translation(cfg), build_staging(cfg)
+    assert isinstance(translation, TranslationUNet) and isinstance(staging, StagingNet)
+    assert staging.fusion == fusion
+    translation_encoder = {k: v.shape for k, v in translation.encoder.state_dict().items()}
+    staging_encoder = {k: v.shape for k, v in staging.encoder.state_dict().items()}
+    assert translation_encoder == staging_encoder
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(preset="resnet"), "preset"),
+        (dict(fusion="concat"), "fusion"),
+        (dict(norm="layer"), "norm"),
+        (dict(n_protocols=0), "n_protocols"),
+        (dict(heads=3), "heads"),
+    ],
+)
+def test_model_config_validates(kwargs, message):
+    with pytest.raises(ValueError, match=f"ModelConfig.{message}"):
+        ModelConfig(**kwargs)
+
+
+def test_count_parameters_counts_trainable_only_by_default():
+    layer = nn.Linear(3, 2)
+    assert count_parameters(layer) == 8
+    layer.bias.requires_grad_(False)
+    assert count_parameters(layer) == 6
+    assert count_parameters(layer, trainable_only=False) == 8
+
+
+def test_cpu_small_is_small():
+    assert count_parameters(build_staging(ModelConfig())) < 1_000_000
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "group"])
+def test_norm_state_keys_select_norm_modules_by_type(norm):
+    staging = build_staging(ModelConfig(norm=norm))
+    keys = norm_state_keys(staging)
+    modules = dict(staging.named_modules())
+    assert keys
+    for key in keys:
+        owner = modules[key.rsplit(".", 1)[0]]
+        assert isinstance(owner, norm_layer_types())
+    conv_keys = [k for k in staging.state_dict() if isinstance(modules.get(k.rsplit(".", 1)[0]), nn.Conv2d)]
+    assert conv_keys and not set(conv_keys) & set(keys)
+    if norm == "batch":
+        assert any(k.endswith("running_var") for k in keys)
