@@ -33,6 +33,7 @@ class RunRecorder:
         self.started = time.time()
         # The server's log beside its results (aggregates and site names only).
         self.log_handler = logging.FileHandler(run_dir / "server.log")
+        self.log_handler.setLevel(logging.INFO)
         self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         for name in ("onfh", "flwr"):
             logging.getLogger(name).addHandler(self.log_handler)

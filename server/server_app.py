@@ -204,7 +204,11 @@ def make_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("onfh").setLevel(logging.INFO)
         cfg = RunConfig.from_dict({**dict(context.run_config), **(overrides or {})})
-        run_federation(grid, cfg)
+        try:
+            run_federation(grid, cfg)
+        except Exception:
+            log.exception("the federated run stopped")  # Flower's runtime would otherwise hide it
+            raise
 
     return app
 

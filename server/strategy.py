@@ -84,10 +84,6 @@ class GuardedStrategy:
         return self.state.sites.get(node, f"node-{node}")
 
     def _fail(self, server_round: int, stage: str, site: str, reason: str) -> None:
-        reason = short_reason(reason)
-        named = re.search(r"site ([\w.-]+): ", reason)
-        if site.startswith("node-") and named:
-            site = named.group(1)
         entry = {
             "phase": self.state.phase,
             "round": self._absolute(server_round),
@@ -112,18 +108,23 @@ class GuardedStrategy:
                     self.state.sites.get(node, f"node-{node}"),
                     "no reply before the round timeout",
                 )
-        kept = []
+        kept, idle = [], 0
         for msg in replies:
             site = self.site_of(msg)
             if msg.has_error():
-                self._fail(server_round, step, site, f"site error: {msg.error.reason}")
+                reason = short_reason(msg.error.reason)
+                named = re.match(r"site ([\w.-]+): ", reason)
+                if site.startswith("node-") and named:  # a site that failed before ever answering
+                    site = named.group(1)
+                self._fail(server_round, step, site, f"error at the site: {reason}")
                 continue
             metrics = next(iter(msg.content.metric_records.values()), None)
             if metrics is None or "num-examples" not in metrics:
                 self._fail(server_round, step, site, "reply has no 'num-examples' metric")
                 continue
             if float(metrics["num-examples"]) <= 0:
-                continue  # the site has no data for this phase: it does not take part
+                idle += 1  # the site has no data for this step: it answers but does not take part
+                continue
             if check_arrays:
                 records = list(msg.content.array_records.values())
                 if len(records) != 1:
@@ -143,10 +144,11 @@ class GuardedStrategy:
                 )
             kept.append(msg)
         kept.sort(key=self.site_of)  # a fixed order makes the float sums, hence resumed runs, reproducible
-        if len(kept) < self.min_sites:
+        if len(kept) + idle < self.min_sites:
             raise RuntimeError(
-                f"phase {self.state.phase} round {self._absolute(server_round)}: only {len(kept)} usable "
-                f"{step} replies, fewer than min-sites={self.min_sites}; failures: {self.state.failures[-5:]}"
+                f"phase {self.state.phase} round {self._absolute(server_round)}: only {len(kept) + idle} sites "
+                f"answered the {step} step soundly, fewer than min-sites={self.min_sites}; "
+                f"latest failures: {self.state.failures[-5:]}"
             )
         return kept
 
