@@ -38,8 +38,9 @@ def site_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
     if key not in _LOADED:
         if len(_LOADED) >= 4:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = load_site(site.data_dir, site.cache_dir, cfg.preprocess, split_seed=cfg.seed,
-                                 name=site.site_name)
+        _LOADED[key] = load_site(
+            site.data_dir, site.cache_dir, cfg.preprocess, split_seed=cfg.seed, name=site.site_name
+        )
     return _LOADED[key]
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 ORIENTATIONS: tuple[str, ...] = ("AX", "COR", "SAG")
 

@@ -27,7 +27,7 @@ from server.checkpoint import (
 )
 from server.records import from_record, to_record
 from server.results import RunRecorder
-from server.strategy import PhaseState, build_strategy, short_reason, summarise_evaluation
+from server.strategy import PhaseState, build_strategy, summarise_evaluation
 
 log = logging.getLogger("onfh.server")
 

@@ -190,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     for d in site_dirs:
         t0 = time.time()
         data = load_site(
-            d, Path(cfg.cache_dir) / d.name, cfg.preprocess, split_seed=cfg.seed, name=d.name, workers=2
+            d,
+            Path(cfg.cache_dir) / d.name,
+            cfg.preprocess,
+            split_seed=cfg.seed,
+            name=d.name,
+            workers=2,
+            progress=lambda m: print("      " + m, flush=True),
         )
         n_train = len(data.staging_set("train")[2])
         n_test = len(data.staging_set("test")[2])
