@@ -41,6 +41,25 @@ log = logging.getLogger("onfh.site")
 
 SIDES: tuple[str, ...] = ("R", "L")
 CACHE_VERSION = 2
+# Modules whose code decides what a cached hip holds: a change to any of them starts a new cache.
+PREPROCESSING_MODULES = (
+    "dicom_io.py",
+    "femoral_head.py",
+    "hip_crop.py",
+    "registration.py",
+    "volume.py",
+    "site_data.py",
+)
+
+
+def preprocessing_code_fingerprint() -> str:
+    """Hash of the preprocessing code, so an upgraded site never reuses hips built by older code."""
+    digest = hashlib.sha256()
+    for name in PREPROCESSING_MODULES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:8]
+
+
 LOW_CONFIDENCE = 0.5  # localisation confidence below which a hip is worth a look
 KEY_LENGTH = 16  # hex characters of a patient key
 LABELS_FILE = "labels.csv"
@@ -465,7 +484,7 @@ def load_site(
         )
     site_name = name or site_dir.name
     salt = _salt(cache_dir)
-    bucket = cache_dir / f"v{CACHE_VERSION}-{settings.fingerprint()}"
+    bucket = cache_dir / f"v{CACHE_VERSION}-{settings.fingerprint()}-{preprocessing_code_fingerprint()}"
     bucket.mkdir(parents=True, exist_ok=True)
     files = _SiteFiles(site_dir, salt)
     problems = ProblemLog()

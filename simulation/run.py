@@ -153,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         "--no-baselines", action="store_true", help="skip the centralized and local-only baselines"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # Our own progress lines; Flower's logger prints its own (a root handler would print it twice).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    onfh_log = logging.getLogger("onfh")
+    onfh_log.addHandler(handler)
+    onfh_log.setLevel(logging.INFO)
+    onfh_log.propagate = False
 
     from common.centralized import evaluate_sites, load_run_config, train_two_phase
     from common.site_data import load_site
