@@ -4,8 +4,8 @@
 2. preprocesses every site into its cache (each site's own data only),
 3. runs both federated phases in Flower's simulation runtime (Ray backend),
 4. trains the centralized (pooled) and local-only baselines on the same splits,
-5. prints per-site and pooled test macro AUROC side by side, and writes them as JSON, Markdown
-   and a PNG beside the run's results.
+and prints per-site and pooled test macro AUROC side by side, written as JSON, Markdown and a
+PNG beside the run's results.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from simulation.baselines import pooled_local_auroc, run_baselines  # noqa: E402
 
 log = logging.getLogger("onfh.simulate")
 
@@ -66,7 +68,7 @@ def comparison_table(federated: dict, central: dict, local: dict[str, dict]) -> 
                 local.get(name, {}).get("sites", {}).get(name, {}).get("macro_auroc"),
             ]
         )
-    local_pooled = _pooled_local(local)
+    local_pooled = pooled_local_auroc(local)
     rows.append(
         [
             "pooled",
@@ -78,19 +80,6 @@ def comparison_table(federated: dict, central: dict, local: dict[str, dict]) -> 
     )
     header = ["site", "test hips", "federated", "centralized", "local-only"]
     return header, rows
-
-
-def _pooled_local(local: dict[str, dict]) -> float | None:
-    """Pooled AUROC of the local-only models: each site's hips scored by its own model."""
-    import numpy as np
-
-    from common.metrics import macro_auroc
-
-    probs = [np.asarray(v["probs"]) for v in local.values() if "probs" in v]
-    labels = [np.asarray(v["labels"]) for v in local.values() if "labels" in v]
-    if not probs:
-        return None
-    return macro_auroc(np.concatenate(probs), np.concatenate(labels))
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
@@ -161,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     onfh_log.setLevel(logging.INFO)
     onfh_log.propagate = False
 
-    from common.centralized import evaluate_sites, load_run_config, train_two_phase
+    from common.centralized import load_run_config
     from common.site_data import load_site
     from simulation.synth import generate_federation
 
@@ -185,14 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onfh simulate: {exc}", file=sys.stderr)
         return 2
 
-    print(f"[1/5] synthetic hospitals: {args.sites} sites x {args.patients} patients -> {args.data}")
+    print(f"[1/4] synthetic hospitals: {args.sites} sites x {args.patients} patients -> {args.data}")
     generate_federation(args.data, sites=args.sites, patients=args.patients, seed=args.seed, size=args.size)
     site_dirs = sorted(p for p in args.data.iterdir() if p.is_dir() and p.name.startswith("site-"))[
         : args.sites
     ]
 
-    print("[2/5] preprocessing each site into its own cache")
-    sites = []
+    print("[2/4] preprocessing each site into its own cache")
     for d in site_dirs:
         t0 = time.time()
         data = load_site(
@@ -210,10 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             f"      {d.name}: {data.stats['hips']} hips ({n_train} labelled train, {n_test} labelled test), "
             f"{len(data.pairs_mr)} MR-CT pairs, {len(data.problems.warnings)} warnings, {time.time() - t0:.0f}s"
         )
-        sites.append(data)
 
     print(
-        f"[3/5] federated training in Flower's simulation runtime ({cfg.strategy}, "
+        f"[3/4] federated training in Flower's simulation runtime ({cfg.strategy}, "
         f"{cfg.pretrain_rounds} pretraining + {cfg.stage_rounds} staging rounds) -> {cfg.run_dir}"
     )
     t0 = time.time()
@@ -223,20 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     central: dict = {}
     local: dict[str, dict] = {}
     if not args.no_baselines:
-        print("[4/5] centralized baseline (all training hips pooled)")
-        net, _ = train_two_phase(sites, cfg, progress=lambda m: print("      " + m))
-        central = evaluate_sites(net, sites)
-        print("[5/5] local-only baselines (each site alone)")
-        from common.datasets import HipDataset
-        from common.training import predict_staging
-
-        for site in sites:
-            net, _ = train_two_phase([site], cfg, progress=lambda m, s=site: print(f"      {s.name}: {m}"))
-            local[site.name] = evaluate_sites(net, [site])
-            images, available, stages = site.staging_set("test")
-            if len(stages):
-                probs, labels = predict_staging(net, HipDataset(images, available, stages))
-                local[site.name].update(probs=probs.tolist(), labels=labels.tolist())
+        print("[4/4] centralized and local-only baselines on the same splits", flush=True)
+        central, local = run_baselines(cfg, site_dirs)
 
     header, rows = comparison_table(federated, central, local)
     table = format_table(header, rows)

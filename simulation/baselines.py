@@ -1,0 +1,75 @@
+"""The centralized and local-only baselines of the main job, trained side by side.
+
+Each baseline is one job (pooled sites, or one site alone) in its own process with one torch
+thread: small convolutions gain little from a second thread, so two jobs at once use two cores
+better than one job with two threads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+from common.run_config import RunConfig
+
+
+def _job(name: str, site_dirs: list[Path], cfg: RunConfig) -> tuple[str, dict, float]:
+    import torch
+
+    from common.centralized import evaluate_sites, train_two_phase
+    from common.datasets import HipDataset
+    from common.site_data import load_site
+    from common.training import predict_staging
+
+    torch.set_num_threads(1)
+    started = time.time()
+    sites = [
+        load_site(d, Path(cfg.cache_dir) / d.name, cfg.preprocess, split_seed=cfg.seed, name=d.name)
+        for d in site_dirs
+    ]
+    net, _ = train_two_phase(sites, cfg)
+    result = evaluate_sites(net, sites)
+    if len(sites) == 1:  # local-only: keep the scores so the pooled local AUROC can be computed
+        images, available, stages = sites[0].staging_set("test")
+        if len(stages):
+            probs, labels = predict_staging(net, HipDataset(images, available, stages))
+            result.update(probs=probs.tolist(), labels=labels.tolist())
+    return name, result, time.time() - started
+
+
+def run_baselines(cfg: RunConfig, site_dirs: list[Path], workers: int = 2) -> tuple[dict, dict[str, dict]]:
+    """Centralized (all sites pooled) and local-only (each site alone), on the same splits.
+
+    Returns ``(central, local)``: ``evaluate_sites`` results; ``local`` per site name.
+    """
+    jobs = {"centralized": site_dirs, **{d.name: [d] for d in site_dirs}}
+    central: dict = {}
+    local: dict[str, dict] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(_job, name, dirs, cfg) for name, dirs in jobs.items()]
+        for future in as_completed(futures):
+            name, result, seconds = future.result()
+            auroc = result.get("pooled", {}).get("macro_auroc", float("nan"))
+            label = "centralized (pooled sites)" if name == "centralized" else f"local-only {name}"
+            print(f"      {label}: test macro AUROC {auroc:.3f} ({seconds:.0f}s)", flush=True)
+            if name == "centralized":
+                central = result
+            else:
+                local[name] = result
+    return central, local
+
+
+def pooled_local_auroc(local: dict[str, dict]) -> float | None:
+    """Pooled AUROC of the local-only models: each site's test hips scored by its own model."""
+    from common.metrics import macro_auroc
+
+    probs = [np.asarray(v["probs"]) for v in local.values() if "probs" in v]
+    labels = [np.asarray(v["labels"]) for v in local.values() if "labels" in v]
+    if not probs:
+        return None
+    return macro_auroc(np.concatenate(probs), np.concatenate(labels))
