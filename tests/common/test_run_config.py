@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_pyproject_config_is_valid_and_complete():
     raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     cfg = RunConfig.from_dict(raw)
+    # `flwr run --run-config` only overrides keys that pyproject declares: declare them all.
+    assert set(raw) == set(RunConfig().to_dict())
     assert cfg.strategy == "fedavg" and cfg.model_preset == "cpu-small"
     for preset in (ROOT / "presets").glob("*.toml"):
         RunConfig.from_dict(tomllib.loads(preset.read_text()))
