@@ -30,6 +30,7 @@ def run_federated(cfg, n_sites: int) -> dict:
     """Both phases in Flower's simulation runtime; returns the server's results.json content."""
     import warnings
 
+    import torch
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
@@ -43,7 +44,8 @@ def run_federated(cfg, n_sites: int) -> dict:
             client_app=make_client_app(overrides),
             num_supernodes=n_sites,
             backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                # One CPU per simulated site; with a GPU, two sites share it (training uses AMP there).
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.5 if torch.cuda.is_available() else 0.0},
                 "init_args": {"num_cpus": min(os.cpu_count() or 1, n_sites)},
             },
         )
