@@ -44,6 +44,13 @@ REPORTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     pydicom.uid.HTJ2K,
 )
 
+# Decoder plugin tried first per transfer syntax when installed (pydicom's default order is
+# used otherwise, and as the fallback): pyjpegls decodes JPEG-LS about 4x faster than pylibjpeg.
+PREFERRED_PLUGINS: dict[str, str] = {
+    pydicom.uid.JPEGLSLossless: "pyjpegls",
+    pydicom.uid.JPEGLSNearLossless: "pyjpegls",
+}
+
 POSITION_TOLERANCE_MM = 0.01  # two slices closer than this are at the same position
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines that differ less are the same orientation
 GAP_FACTOR = 1.5  # a step larger than this times the smallest step means missing slices
@@ -315,7 +322,7 @@ def load_volume(series: SeriesInfo, log: ProblemLog | None = None) -> Volume | N
             )
             return None
         try:
-            array = ds.pixel_array
+            array = _decode(ds, ts)
         except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
             log.add(
                 where,
@@ -341,6 +348,25 @@ def load_volume(series: SeriesInfo, log: ProblemLog | None = None) -> Volume | N
     return Volume(
         pixels=pixels, affine=series.affine.copy(), modality=series.modality, protocol=series.protocol
     )
+
+
+def _decode(ds: Dataset, transfer_syntax: str) -> np.ndarray:
+    """The file's pixel array, with the fastest installed plugin for its transfer syntax first."""
+    plugin = PREFERRED_PLUGINS.get(transfer_syntax)
+    if plugin is not None and plugin in _available_plugins(transfer_syntax):
+        try:
+            ds.pixel_array_options(decoding_plugin=plugin)
+            return ds.pixel_array
+        except Exception:  # noqa: BLE001 - the other plugins still get their chance below
+            ds.pixel_array_options()
+    return ds.pixel_array
+
+
+def _available_plugins(transfer_syntax: str) -> tuple[str, ...]:
+    try:
+        return tuple(get_decoder(UID(transfer_syntax)).available_plugins)
+    except NotImplementedError:
+        return ()
 
 
 def _site_rules(site_dir: Path, problems: ProblemLog) -> ProtocolRules:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.transform import Rotation
 
 from common.registration import (
     RegistrationResult,
+    _FixedImageMI,
     ct_pairs_for_hip,
     denormalise_ct,
     normalise_ct,
@@ -103,6 +105,24 @@ def test_identity_stays_identity(mr):
     ct = make_ct(np.eye(4))
     result = register_rigid(mr, ct, centres_mm=HEADS, max_iters=60)
     assert mean_error_near_heads(result.matrix, np.eye(4)) < 1.0
+
+
+def test_mutual_information_is_monais_estimator():
+    """The loss with cached MR windows gives MONAI's GlobalMutualInformationLoss, value and gradient."""
+    from monai.losses import GlobalMutualInformationLoss
+
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(4000, generator=generator)
+    moving = (0.7 * fixed + 0.3 * torch.rand(4000, generator=generator)).requires_grad_(True)
+    reference = GlobalMutualInformationLoss(kernel_type="gaussian", num_bins=24, sigma_ratio=0.5)
+    expected = reference(moving[None, None], fixed[None, None])
+    (expected_grad,) = torch.autograd.grad(expected, moving)
+    loss = _FixedImageMI(fixed)(moving)
+    (grad,) = torch.autograd.grad(loss, moving)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-8)
+    # Unrelated images share less information than related ones.
+    assert float(_FixedImageMI(fixed)(torch.rand(4000, generator=generator))) > float(loss)
 
 
 def test_ct_normalisation_round_trip():
