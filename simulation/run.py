@@ -55,6 +55,40 @@ def run_federated(cfg, n_sites: int) -> dict:
     return json.loads(results_path.read_text())
 
 
+def _preprocess_site(site_dir: Path, cfg) -> str:
+    import torch
+
+    from common.site_data import load_site
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    data = load_site(
+        site_dir,
+        Path(cfg.cache_dir) / site_dir.name,
+        cfg.preprocess,
+        split_seed=cfg.seed,
+        name=site_dir.name,
+        progress=lambda m: print("      " + m, flush=True),
+    )
+    return (
+        f"{site_dir.name}: {data.stats['hips']} hips ({len(data.staging_set('train')[2])} labelled train, "
+        f"{len(data.staging_set('test')[2])} labelled test), {len(data.pairs_mr)} MR-CT pairs, "
+        f"{len(data.problems.warnings)} warnings, {time.time() - t0:.0f}s"
+    )
+
+
+def preprocess_sites(cfg, site_dirs: list[Path], workers: int = 2) -> None:
+    """Fill every site's cache, one process per site at a time (each site sees only its own data)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(site_dirs)), mp_context=get_context("spawn")
+    ) as pool:
+        for future in as_completed([pool.submit(_preprocess_site, d, cfg) for d in site_dirs]):
+            print("      " + future.result(), flush=True)
+
+
 def comparison_table(federated: dict, central: dict, local: dict[str, dict]) -> tuple[list[str], list[list]]:
     """Rows: each site, then pooled. Columns: federated / centralized / local-only macro AUROC."""
     fed_sites = federated["test"].get("sites", {})
@@ -153,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     onfh_log.propagate = False
 
     from common.centralized import load_run_config
-    from common.site_data import load_site
     from simulation.synth import generate_federation
 
     started = time.time()
@@ -182,24 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         : args.sites
     ]
 
-    print("[2/4] preprocessing each site into its own cache")
-    for d in site_dirs:
-        t0 = time.time()
-        data = load_site(
-            d,
-            Path(cfg.cache_dir) / d.name,
-            cfg.preprocess,
-            split_seed=cfg.seed,
-            name=d.name,
-            workers=2,
-            progress=lambda m: print("      " + m, flush=True),
-        )
-        n_train = len(data.staging_set("train")[2])
-        n_test = len(data.staging_set("test")[2])
-        print(
-            f"      {d.name}: {data.stats['hips']} hips ({n_train} labelled train, {n_test} labelled test), "
-            f"{len(data.pairs_mr)} MR-CT pairs, {len(data.problems.warnings)} warnings, {time.time() - t0:.0f}s"
-        )
+    print("[2/4] preprocessing each site into its own cache (sites side by side, as in a real federation)")
+    preprocess_sites(cfg, site_dirs)
 
     print(
         f"[3/4] federated training in Flower's simulation runtime ({cfg.strategy}, "
