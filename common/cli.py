@@ -12,6 +12,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "simulate": ("simulation.run", "run the federation of synthetic hospitals (main job)"),
     "train": ("common.centralized", "train centrally (pooled sites) or locally (one site)"),
     "predict": ("common.predict", "stage the hips of a study folder with a saved model"),
+    "provision": ("server.provision", "create the CA, server certificate and one kit per site and admin"),
+    "server": ("server.daemon", "run the central SuperLink (TLS, site authentication) from a server kit"),
+    "site": ("client.daemon", "check a site's data, then join the federation with a site kit"),
+    "run": ("server.runs", "submit a federated run, follow its status and logs (admin kit)"),
 }
 
 

@@ -1,0 +1,319 @@
+"""``onfh server --kit DIR``: the central host's daemon around ``flower-superlink``.
+
+Starts the SuperLink with TLS (the kit's certificate), SuperNode authentication, a persistent
+state database and no run-time dependency installation; waits until its Control API answers;
+registers every site key in the kit's ``site-keys/``; stops cleanly on SIGTERM or Ctrl-C.
+
+Everything it writes goes under the work folder (default ``KIT/work``): ``state.db``,
+``superlink.log``, ``flwr-home/`` (installed app bundles) and ``outputs/RUN_NAME/`` (the results
+of every run, as in simulation). None of it holds a private key: the kit's ``server.key`` is
+only read by the SuperLink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from server.provision import split_address
+from server.runs import CONNECTION, flwr_env, flwr_executable, write_flwr_connection
+
+STOP_GRACE_S = 15.0
+
+
+def flower_executable(name: str) -> str:
+    """A Flower command (``flower-superlink``, ``flower-supernode``) beside this interpreter."""
+    beside = Path(sys.executable).parent / name
+    if not beside.exists():
+        raise FileNotFoundError(
+            f"{name} not found beside {sys.executable}: install onfh-fl in this environment"
+        )
+    return str(beside)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc), children first; Flower detaches some of them."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_process_tree(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int | None:
+    """SIGTERM ``proc`` (it stops its own children), wait ``grace_s``, then SIGKILL whatever of its tree is left.
+
+    ``proc`` must have been started with ``start_new_session=True``: what is left of its process
+    group (children orphaned when it exited) is killed too. Returns the exit code of ``proc``.
+    """
+    if proc.poll() is None:
+        tree = descendants(proc.pid)
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    else:
+        tree = descendants(proc.pid)
+    deadline = time.monotonic() + 3.0
+    for pid in tree:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session's leftovers; the group id is the leader's pid
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.returncode
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass(frozen=True)
+class ServerKit:
+    """A server kit folder as ``onfh provision`` writes it."""
+
+    kit: Path
+    address: str
+    port: int
+
+    @classmethod
+    def load(cls, kit: Path) -> ServerKit:
+        missing = [
+            n for n in ("ca.pem", "server.pem", "server.key", "server.json") if not (kit / n).is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{kit} is not a server kit ({', '.join(missing)} missing): pass the 'server' folder that "
+                "'onfh provision' wrote"
+            )
+        settings = json.loads((kit / "server.json").read_text())
+        return cls(kit.absolute(), str(settings["server-address"]), int(settings["port"]))
+
+    def site_keys(self) -> dict[str, Path]:
+        """Site name -> its OpenSSH public key file in ``site-keys/``."""
+        return {p.stem: p for p in sorted((self.kit / "site-keys").glob("*.pub"))}
+
+    def certificate_expiry(self) -> dt.datetime:
+        cert = x509.load_pem_x509_certificate((self.kit / "server.pem").read_bytes())
+        return cert.not_valid_after_utc
+
+
+def superlink_command(kit: ServerKit, work: Path, host: str, port: int) -> list[str]:
+    """The ``flower-superlink`` command line: TLS, SuperNode auth, state database, no dependency installs."""
+    return [
+        flower_executable("flower-superlink"),
+        "--ssl-certfile", str(kit.kit / "server.pem"),
+        "--ssl-keyfile", str(kit.kit / "server.key"),
+        "--ssl-ca-certfile", str(kit.kit / "ca.pem"),
+        "--enable-supernode-auth",
+        "--database", str(work / "state.db"),
+        "--disable-runtime-dependency-installation",
+        "--host", host,
+        "--port", str(port),
+    ]  # fmt: skip
+
+
+def local_address(host: str, port: int) -> str:
+    """Where this host reaches its own SuperLink (bind-all addresses dial loopback)."""
+    dial = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{dial}]:{port}" if ":" in dial else f"{dial}:{port}"
+
+
+def control_api_answers(work: Path) -> bool:
+    """True when ``flwr supernode ls`` reaches the SuperLink's Control API over TLS."""
+    done = subprocess.run(
+        [flwr_executable(), "supernode", "ls", CONNECTION, "--format", "json"],
+        env=flwr_env(work / "flwr-home"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode == 0 and '"success": true' in done.stdout
+
+
+def register_site_keys(kit: ServerKit, work: Path) -> dict[str, str]:
+    """Register every key of ``site-keys/`` with the running SuperLink: site -> 'registered' | 'already registered'."""
+    status: dict[str, str] = {}
+    for site, key in kit.site_keys().items():
+        done = subprocess.run(
+            [flwr_executable(), "supernode", "register", str(key), CONNECTION, "--name", site],
+            env=flwr_env(work / "flwr-home"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        text = done.stdout + done.stderr
+        if done.returncode == 0:
+            status[site] = "registered"
+        elif "already in use" in text:
+            status[site] = "already registered"
+        else:
+            raise RuntimeError(f"registering {key} failed: {text.strip()[-600:]}")
+    return status
+
+
+def _tls_reachable(host: str, port: int, ca: Path) -> bool:
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=3) as raw:
+            with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+                return True
+    except OSError:
+        return False
+
+
+class ServerDaemon:
+    """The SuperLink process of one server kit: ``start()``, ``register()``, ``wait()``, ``stop()``."""
+
+    def __init__(self, kit: ServerKit, work: Path, host: str = "0.0.0.0", port: int | None = None) -> None:
+        self.kit, self.work, self.host = kit, work.absolute(), host
+        self.port = port or kit.port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start the SuperLink and return once its Control API answers over TLS (or raise)."""
+        expires = self.kit.certificate_expiry()
+        if expires <= dt.datetime.now(dt.UTC):
+            raise RuntimeError(
+                f"the server certificate {self.kit.kit / 'server.pem'} expired on {expires:%Y-%m-%d %H:%M} UTC: "
+                "sites will refuse it; issue a new one with 'onfh provision' (keep ca.key) and restart"
+            )
+        self.work.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.work, 0o700)
+        dial = local_address(self.host, self.port)
+        write_flwr_connection(self.work / "flwr-home", dial, self.kit.kit / "ca.pem")
+        log = (self.work / "superlink.log").open("ab")
+        self.proc = subprocess.Popen(
+            superlink_command(self.kit, self.work, self.host, self.port),
+            cwd=self.work,  # ServerApp outputs land in WORK/outputs/RUN_NAME
+            env=flwr_env(self.work / "flwr-home"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        host, port = split_address(dial)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"flower-superlink exited with code {self.proc.returncode}; see {self.work / 'superlink.log'} "
+                    f"(port {self.port} already in use? pass --port)"
+                )
+            if _tls_reachable(host, port, self.kit.kit / "ca.pem") and control_api_answers(self.work):
+                return
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(
+            f"the SuperLink did not answer within {timeout_s:.0f} s; see {self.work / 'superlink.log'}"
+        )
+
+    def register(self) -> dict[str, str]:
+        """Register the kit's site keys (safe to repeat)."""
+        return register_site_keys(self.kit, self.work)
+
+    def wait(self) -> int:
+        """Block until the SuperLink exits; its exit code."""
+        assert self.proc is not None
+        return self.proc.wait()
+
+    def stop(self) -> int | None:
+        """Stop the SuperLink and everything it started."""
+        if self.proc is None:
+            return None
+        return stop_process_tree(self.proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``onfh server --kit DIR [--work DIR] [--host 0.0.0.0] [--port N] [--register-only]``."""
+    parser = argparse.ArgumentParser(prog="onfh server", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kit", type=Path, required=True, help="the server kit folder from 'onfh provision'")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="state, logs and run outputs (default KIT/work)"
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: the provisioned one)")
+    parser.add_argument(
+        "--register-only",
+        action="store_true",
+        help="register the kit's site keys with a running server, then exit",
+    )
+    args = parser.parse_args(argv)
+    try:
+        kit = ServerKit.load(args.kit)
+        daemon = ServerDaemon(kit, args.work or kit.kit / "work", args.host, args.port)
+        if args.register_only:
+            dial = local_address(args.host, daemon.port)
+            write_flwr_connection(daemon.work / "flwr-home", dial, kit.kit / "ca.pem")
+            for site, state in daemon.register().items():
+                print(f"site {site}: {state}")
+            return 0
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        print(f"onfh server: {exc}", file=sys.stderr)
+        return 2
+
+    stopping = {"flag": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping["flag"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        daemon.start()
+        print(
+            f"SuperLink up on {args.host}:{daemon.port} (TLS, SuperNode authentication); work folder {daemon.work}"
+        )
+        for site, state in daemon.register().items():
+            print(f"site {site}: {state}")
+        print(f"server certificate expires {kit.certificate_expiry():%Y-%m-%d} UTC; ready", flush=True)
+        code = daemon.wait()
+        print(f"onfh server: flower-superlink exited with code {code}; see {daemon.work / 'superlink.log'}")
+        return 1
+    except KeyboardInterrupt:
+        daemon.stop()
+        print("onfh server: stopped", flush=True)
+        return 0
+    except (RuntimeError, FileNotFoundError) as exc:
+        daemon.stop()
+        print(f"onfh server: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""``onfh run submit|status|logs``: the admin's side, wrapping ``flwr run``, ``flwr ls`` and ``flwr log``.
+
+The admin kit (``admin.json`` + ``ca.pem``) says where the SuperLink is; this module writes the
+Flower config ``flwr`` reads (``$FLWR_HOME/config.toml``, FLWR_HOME inside the kit, never the
+user's ``~/.flwr``) with the CA's absolute path, so a kit can be moved.
+
+``submit`` stages the app before ``flwr run`` builds its bundle (FAB): only the Python code of
+the project's packages and a generated pyproject.toml whose ``[tool.flwr.app.config]`` lists
+every run setting (so any preset key is accepted by the SuperLink). Nothing else of the working
+folder, least of all a kit or a key, can end up in the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from common.run_config import RunConfig
+
+CONNECTION = "onfh"  # the connection's name in the generated Flower config
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FINISHED = "finished"
+
+
+def flwr_executable() -> str:
+    """The ``flwr`` beside this interpreter (the project's venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "flwr"
+    found = str(beside) if beside.exists() else shutil.which("flwr")
+    if not found:
+        raise FileNotFoundError("the 'flwr' command is not installed: install onfh-fl (pip install -e .)")
+    return found
+
+
+def write_flwr_connection(flwr_home: Path, address: str, ca_pem: Path) -> Path:
+    """Write ``flwr_home/config.toml`` with one default TLS connection to ``address``; returns its path."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    config = flwr_home / "config.toml"
+    config.write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f"address = {json.dumps(address)}\n"
+        f"root-certificates = {json.dumps(str(ca_pem.absolute()))}\n"
+    )
+    return config
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for a ``flwr``/Flower process: our FLWR_HOME, the venv first on PATH, no installs."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home.absolute())
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class AdminKit:
+    """An admin kit folder: ``admin.json`` (server address) and ``ca.pem``."""
+
+    def __init__(self, kit: Path) -> None:
+        settings = kit / "admin.json"
+        if not settings.is_file() or not (kit / "ca.pem").is_file():
+            raise FileNotFoundError(
+                f"{kit} is not an admin kit (admin.json and ca.pem expected): pass the 'admin' folder "
+                "that 'onfh provision' wrote"
+            )
+        self.kit = kit
+        self.address = str(json.loads(settings.read_text())["server-address"])
+        self.flwr_home = kit / "flwr-home"
+        write_flwr_connection(self.flwr_home, self.address, kit / "ca.pem")
+
+    def flwr(self, *args: str, timeout: float | None = 120.0) -> subprocess.CompletedProcess:
+        """Run ``flwr ARGS`` against this kit's SuperLink; output captured as text."""
+        return subprocess.run(
+            [flwr_executable(), *args],
+            env=flwr_env(self.flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def stage_app(source: Path, into: Path) -> Path:
+    """Copy the app's Python packages from ``source`` into ``into`` and write its pyproject.toml.
+
+    The generated ``[tool.flwr.app.config]`` is every ``RunConfig`` key with the source
+    pyproject's values over the defaults, so every preset key is a known run-config key.
+    Returns ``into``.
+    """
+    into.mkdir(parents=True, exist_ok=True)
+    pyproject = tomllib.loads((source / "pyproject.toml").read_text())
+    project, flwr_app = pyproject["project"], pyproject["tool"]["flwr"]["app"]
+    packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    for package in packages:
+        shutil.copytree(
+            source / package,
+            into / package,
+            dirs_exist_ok=True,
+            ignore=lambda folder, names: [
+                n
+                for n in names
+                if not (n.endswith(".py") or (Path(folder) / n).is_dir()) or n == "__pycache__"
+            ],
+        )
+    config = {**RunConfig().to_dict(), **flwr_app.get("config", {})}
+    lines = [
+        "[build-system]",
+        'requires = ["hatchling"]',
+        'build-backend = "hatchling.build"',
+        "",
+        "[project]",
+        f"name = {json.dumps(project['name'])}",
+        f"version = {json.dumps(project['version'])}",
+        f"description = {json.dumps(project.get('description', project['name']))}",
+        f"license = {json.dumps(project.get('license', 'Apache-2.0'))}",
+        "dependencies = []  # installed at every site beforehand; runs never install anything",
+        "",
+        "[tool.hatch.build.targets.wheel]",
+        f"packages = {json.dumps(packages)}",
+        "",
+        "[tool.flwr.app]",
+        f"publisher = {json.dumps(flwr_app['publisher'])}",
+        "",
+        "[tool.flwr.app.components]",
+        *(f"{k} = {json.dumps(v)}" for k, v in flwr_app["components"].items()),
+        "",
+        "[tool.flwr.app.config]",
+        *(f"{k} = {_toml_value(v)}" for k, v in config.items()),
+        "",
+    ]
+    (into / "pyproject.toml").write_text("\n".join(lines))
+    return into
+
+
+def merged_run_config(presets: list[Path], overrides: list[str]) -> dict[str, Any]:
+    """Presets (TOML files, later ones win) then overrides (``"k=v k2=v2"``), checked by ``RunConfig``.
+
+    An unknown or invalid setting is refused here, with its name, before anything reaches the server.
+    """
+    merged: dict[str, Any] = {}
+    for preset in presets:
+        if not preset.is_file():
+            raise FileNotFoundError(f"preset {preset} not found: pass a TOML file such as presets/tiny.toml")
+        merged.update(tomllib.loads(preset.read_text()))
+    for item in overrides:
+        try:
+            merged.update(tomllib.loads(item.replace(" ", "\n")))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"--config {item!r} is not 'key=value' pairs with TOML values ({exc})") from None
+    RunConfig.from_dict(merged)
+    return merged
+
+
+def submit(kit: AdminKit, presets: list[Path], overrides: list[str], app: Path = PROJECT_ROOT) -> int:
+    """Submit the app with ``presets`` (TOML files) and ``overrides`` (``"k=v k2=v2"``); returns the run id."""
+    run_config = merged_run_config(presets, overrides)
+    with tempfile.TemporaryDirectory(prefix="onfh-app-") as staging:
+        staged = stage_app(app, Path(staging) / "app")
+        config_file = Path(staging) / "run-config.toml"  # beside the app, not in its bundle
+        config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+        args = ["run", str(staged), CONNECTION, "--format", "json", "--run-config", str(config_file)]
+        done = kit.flwr(*args, timeout=300)
+    reply = _json_reply(done, "flwr run")
+    return int(reply["run-id"])
+
+
+def _json_reply(done: subprocess.CompletedProcess, what: str) -> dict:
+    """The JSON object ``flwr ... --format json`` printed; a RuntimeError with Flower's message otherwise."""
+    text = done.stdout.strip()
+    start = text.find("{")
+    reply: dict = {}
+    if start >= 0:
+        try:
+            reply = json.loads(text[start:])
+        except json.JSONDecodeError:
+            reply = {}
+    if done.returncode != 0 or not reply.get("success", False):
+        message = reply.get("error-message") or (done.stderr.strip() or text)[-2000:]
+        raise RuntimeError(f"{what} failed: {message}")
+    return reply
+
+
+def runs(kit: AdminKit, run_id: int | None = None) -> list[dict]:
+    """The SuperLink's runs (``flwr ls --format json``): dicts with run-id, status, elapsed..."""
+    args = ["ls", CONNECTION, "--format", "json"] + (["--run-id", str(run_id)] if run_id is not None else [])
+    return list(_json_reply(kit.flwr(*args), "flwr ls").get("runs", []))
+
+
+def wait_finished(kit: AdminKit, run_id: int, timeout_s: float, poll_s: float = 3.0) -> dict:
+    """Poll ``flwr ls`` until run ``run_id`` is finished (any sub-status); returns its entry."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        entry = runs(kit, run_id)[0]
+        if str(entry.get("status", "")).startswith(FINISHED):
+            return entry
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} is still {entry.get('status')} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def logs(kit: AdminKit, run_id: int, follow: bool = False) -> str:
+    """The run's logs (``flwr log --show``), or stream them to stdout until the run ends (``follow``)."""
+    if follow:
+        subprocess.run(
+            [flwr_executable(), "log", str(run_id), CONNECTION, "--stream"], env=flwr_env(kit.flwr_home)
+        )
+        return ""
+    done = kit.flwr("log", str(run_id), CONNECTION, "--show")
+    if done.returncode != 0:
+        raise RuntimeError(f"flwr log failed: {(done.stderr or done.stdout).strip()[-2000:]}")
+    return done.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``onfh run submit|status|logs --kit ADMIN_KIT ...``."""
+    parser = argparse.ArgumentParser(prog="onfh run", description=__doc__.split("\n\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    sub = verbs.add_parser("submit", help="submit a federated run (phase presets as run config)")
+    sub.add_argument("--kit", type=Path, required=True, help="the admin kit folder")
+    sub.add_argument("--preset", type=Path, action="append", default=[], help="run-config TOML (repeatable)")
+    sub.add_argument("--config", action="append", default=[], help="overrides: \"run-name='x' seed=1\"")
+    sub.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the app folder (default: this project)")
+    sub.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="then wait for the run to end")
+    st = verbs.add_parser("status", help="list runs, or one run")
+    st.add_argument("--kit", type=Path, required=True, help="the admin kit folder")
+    st.add_argument("--run-id", type=int, default=None)
+    st.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for --run-id to finish")
+    lg = verbs.add_parser("logs", help="show (or --follow) a run's logs")
+    lg.add_argument("--kit", type=Path, required=True, help="the admin kit folder")
+    lg.add_argument("run_id", type=int)
+    lg.add_argument("--follow", action="store_true", help="stream until the run ends")
+    args = parser.parse_args(argv)
+    try:
+        kit = AdminKit(args.kit)
+        if args.verb == "submit":
+            run_id = submit(kit, args.preset, args.config, args.app)
+            print(f"submitted run {run_id} to {kit.address}")
+            if args.wait:
+                print(json.dumps(wait_finished(kit, run_id, args.wait), indent=2))
+        elif args.verb == "status":
+            if args.wait and args.run_id is not None:
+                print(json.dumps(wait_finished(kit, args.run_id, args.wait), indent=2))
+            else:
+                for entry in runs(kit, args.run_id):
+                    print(
+                        f"run {entry.get('run-id')}  {entry.get('status'):<22} elapsed {entry.get('elapsed')}  "
+                        f"{entry.get('app', '')}"
+                    )
+        else:
+            print(logs(kit, args.run_id, args.follow), end="")
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as exc:
+        print(f"onfh run {args.verb}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tests of the hospital deployment: provisioning, daemons, runs over TLS."""
