@@ -68,6 +68,8 @@ class RunConfig:
     stage_epochs: int = 2
     stage_lr: float = 5e-4
     batch_size: int = 8
+    # Keep the weights of the round (federated) or epoch (centralized) with the best validation AUROC.
+    select_on_val: bool = True
     class_weighted: bool = True
     augment: bool = True
     device: str = "auto"

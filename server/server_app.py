@@ -31,6 +31,8 @@ from server.strategy import PhaseState, build_strategy, summarise_evaluation
 
 log = logging.getLogger("onfh.server")
 
+BEST_STAGE_FILE = "best_stage_model.npz"  # global staging weights of the best validation round
+
 
 @dataclass
 class _Run:
@@ -77,6 +79,16 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     stage_resume = resume if resume and resume.phase == "stage" else None
     initial = stage_resume.arrays if stage_resume else get_shared_state(staging, cfg.fedbn)
     final = _run_phase(run, "stage", initial, cfg.stage_rounds, stage_resume)
+    best_path = cfg.run_dir / BEST_STAGE_FILE
+    if cfg.select_on_val and "best-stage-round" in history and best_path.exists():
+        # Model selection on the pooled validation AUROC, as the centralized trainer selects epochs.
+        with np.load(best_path) as data:
+            final = {k: data[k] for k in data.files}
+        log.info(
+            "final model: round %d (best pooled validation macro AUROC %.3f)",
+            history["best-stage-round"],
+            history["best-stage-val-auroc"],
+        )
 
     test = _final_test(run, final)
     set_shared_state(staging, final)
@@ -164,6 +176,10 @@ def _run_phase(
 
     def on_round_end(round_no: int, arrays: ArrayRecord, summary: dict) -> None:
         entry = state.rounds[-1]
+        score = summary.get("macro-auroc", float("nan"))
+        if phase == "stage" and np.isfinite(score) and score > run.history.get("best-stage-val-auroc", -1.0):
+            save_atomic(cfg.run_dir / BEST_STAGE_FILE, from_record(arrays))
+            run.history["best-stage-round"], run.history["best-stage-val-auroc"] = round_no, float(score)
         run.recorder.round_done(phase, round_no, {k: v for k, v in entry.items() if k != "round"})
         write_checkpoint(
             cfg.run_dir / "checkpoint.npz",

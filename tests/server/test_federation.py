@@ -49,7 +49,7 @@ def test_two_phase_run_writes_results(federated_run):
     assert 0.0 <= test["macro-auroc"] <= 1.0
     assert test["n-hips"] == sum(s["num-examples"] for s in test["sites"].values())
     assert set(test["sites"]) <= {"site-00", "site-01"}
-    assert results["failures"] == []
+    assert results["failures"] == [], results["failures"]
     model = np.load(run_dir / "final_model.npz")
     assert any(k.startswith("encoder.") for k in model.files)
 
