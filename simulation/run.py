@@ -115,16 +115,16 @@ def comparison_table(federated: dict, central: dict, local: dict[str, dict]) -> 
         ]
     )
     header = ["site", "test hips", "federated", "centralized", "local-only"]
+    # An AUROC is undefined (NaN, or -1 from a site) where a test set holds a single stage.
+    rows = [[None if isinstance(v, float) and (v != v or v < 0) else v for v in row] for row in rows]
     return header, rows
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
     def cell(v):
-        return (
-            "-"
-            if v is None or (isinstance(v, float) and v < 0)
-            else (f"{v:.3f}" if isinstance(v, float) else str(v))
-        )
+        if v is None or (isinstance(v, float) and (v != v or v < 0)):  # NaN or -1: undefined here
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
