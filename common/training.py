@@ -187,6 +187,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _step(
+    net: nn.Module,
+    loss: torch.Tensor,
+    reference: Mapping[str, torch.Tensor] | None,
+    mu: float,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """One optimiser step on ``loss`` (+ the FedProx term when a reference is given)."""
+    total = loss + proximal_term(net, reference, mu) if reference is not None else loss
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_translation(
     net: nn.Module,
     dataset: Dataset,
@@ -234,13 +250,7 @@ def train_translation(
                 with autocast_context(device, cfg.amp):
                     pred = net(mr)
                 loss = loss_fn(pred.float(), ct)
-                total = (
-                    loss + proximal_term(net, reference, cfg.proximal_mu) if reference is not None else loss
-                )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                _step(net, loss, reference, cfg.proximal_mu, optimizer, scaler)
                 loss_sum += loss.detach() * len(mr)
                 seen += len(mr)
             _sync(device)
@@ -353,13 +363,7 @@ def train_staging(
                 with autocast_context(device, cfg.amp):
                     logits = net(image, available)
                 loss = loss_fn(logits.float(), label)
-                total = (
-                    loss + proximal_term(net, reference, cfg.proximal_mu) if reference is not None else loss
-                )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                _step(net, loss, reference, cfg.proximal_mu, optimizer, scaler)
                 loss_sum += loss.detach() * len(label)
                 correct += (logits.detach().argmax(dim=1) == label).sum()
                 seen += len(label)
