@@ -94,7 +94,7 @@ def train_round(
             mr, ct = mr[np.sort(pick)], ct[np.sort(pick)]
         stats = train_translation(
             net,
-            PairDataset(mr, ct, augment=cfg.augment),
+            PairDataset(mr, ct),
             cfg.pretrain_training(seed),
             reference_state=reference,
         )
@@ -104,7 +104,7 @@ def train_round(
             return global_arrays, {"num-examples": 0, "loss": 0.0, "train-seconds": 0.0}, local or {}
         stats = train_staging(
             net,
-            HipDataset(images, available, stages, augment=cfg.augment),
+            HipDataset(images, available, stages),
             cfg.stage_training(seed),
             reference_state=reference,
         )

@@ -64,7 +64,7 @@ def pretrain_translation(
     )
     seed_everything(cfg.seed)
     translation = build_translation(cfg.model)
-    stats = train_translation(translation, PairDataset(mr, ct, augment=cfg.augment), tcfg, progress=say)
+    stats = train_translation(translation, PairDataset(mr, ct), tcfg, progress=say)
     state = {k: v.detach().cpu() for k, v in translation.state_dict().items()}
     return state, _plain(stats)
 
@@ -132,7 +132,7 @@ def train_two_phase(
     info["stage"] = _plain(
         train_staging(
             staging,
-            HipDataset(images, available, stages, augment=cfg.augment),
+            HipDataset(images, available, stages),
             scfg,
             val_ds=val_ds,
             progress=say,

@@ -13,7 +13,8 @@ from sklearn.metrics import log_loss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from common.datasets import base_datasets, dataset_class_indices
+from common.augmentation import BatchAugmentation
+from common.datasets import dataset_class_indices
 from common.device import autocast_context, grad_scaler, seed_everything, select_device
 from common.metrics import macro_auroc, translation_metrics
 from common.models.translation import TranslationLoss
@@ -30,7 +31,7 @@ class TrainConfig:
         lr, weight_decay: AdamW settings.
         batch_size: hips (staging) or slice pairs (translation) per step.
         class_weighted: weight the cross entropy by inverse training-class frequency.
-        augment: switch the dataset's augmentation on during training (``dataset.augment``).
+        augment: augment every training batch on the device (``common.augmentation``).
         seed: seeds torch/numpy/random and the shuffling order.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         amp: mixed precision (bf16, or fp16 with a GradScaler) on CUDA; ignored on CPU.
@@ -140,7 +141,6 @@ def _loader(
         generator=generator if shuffle else None,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_reseed_worker if num_workers > 0 else None,
     )
 
 
@@ -154,27 +154,6 @@ def _timed(loader: DataLoader) -> Iterable[tuple[dict[str, torch.Tensor], float]
         except StopIteration:
             return
         yield batch, time.perf_counter() - start
-
-
-def _set_augment(dataset: Dataset, enabled: bool) -> list[tuple[Dataset, bool]]:
-    """Set ``augment`` on every dataset under ``dataset``; return what to restore."""
-    previous = [(base, bool(base.augment)) for base in base_datasets(dataset) if hasattr(base, "augment")]
-    for base, _ in previous:
-        base.augment = enabled
-    return previous
-
-
-def _restore_augment(previous: list[tuple[Dataset, bool]]) -> None:
-    for base, value in previous:
-        base.augment = value
-
-
-def _reseed_worker(worker_id: int) -> None:
-    # Each DataLoader worker holds a copy of the dataset: give its augmentation its own stream.
-    info = torch.utils.data.get_worker_info()
-    for base in base_datasets(info.dataset):
-        if hasattr(base, "reseed"):
-            base.reseed(info.seed % 2**31)
 
 
 def _check_non_empty(dataset: Dataset, what: str) -> None:
@@ -236,30 +215,29 @@ def train_translation(
     scaler = grad_scaler(device, cfg.amp)
     reference = reference_parameters(net, reference_state, device) if cfg.proximal_mu > 0 else None
     loader = _loader(dataset, cfg.batch_size, True, cfg.seed, cfg.num_workers, device)
-    previous_augment = _set_augment(dataset, cfg.augment)
+    augmentation = BatchAugmentation(cfg.seed) if cfg.augment else None
     start, waited, looped = time.perf_counter(), 0.0, 0.0
     losses: list[float] = []
-    try:
-        for epoch in range(cfg.epochs):
-            epoch_start = time.perf_counter()
-            loss_sum, seen = torch.zeros((), device=device), 0
-            for batch, wait in _timed(loader):
-                waited += wait
-                mr = batch["mr"].to(device, non_blocking=True)
-                ct = batch["ct"].to(device, non_blocking=True)
-                with autocast_context(device, cfg.amp):
-                    pred = net(mr)
-                loss = loss_fn(pred.float(), ct)
-                _step(net, loss, reference, cfg.proximal_mu, optimizer, scaler)
-                loss_sum += loss.detach() * len(mr)
-                seen += len(mr)
-            _sync(device)
-            looped += time.perf_counter() - epoch_start
-            losses.append(float(loss_sum) / seen)
-            if progress:
-                progress(f"translation epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
-    finally:
-        _restore_augment(previous_augment)
+    for epoch in range(cfg.epochs):
+        epoch_start = time.perf_counter()
+        loss_sum, seen = torch.zeros((), device=device), 0
+        for batch, wait in _timed(loader):
+            waited += wait
+            mr = batch["mr"].to(device, non_blocking=True)
+            ct = batch["ct"].to(device, non_blocking=True)
+            if augmentation is not None:
+                mr, ct = augmentation.pairs(mr, ct)
+            with autocast_context(device, cfg.amp):
+                pred = net(mr)
+            loss = loss_fn(pred.float(), ct)
+            _step(net, loss, reference, cfg.proximal_mu, optimizer, scaler)
+            loss_sum += loss.detach() * len(mr)
+            seen += len(mr)
+        _sync(device)
+        looped += time.perf_counter() - epoch_start
+        losses.append(float(loss_sum) / seen)
+        if progress:
+            progress(f"translation epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
     return {
         "loss": losses[-1],
         "loss_per_epoch": losses,
@@ -281,7 +259,6 @@ def predict_staging(
     device = next(net.parameters()).device if device is None else torch.device(device)
     was_training = net.training
     net.to(device).eval()
-    previous_augment = _set_augment(dataset, False)
     probs, labels = [], []
     try:
         with torch.no_grad():
@@ -290,7 +267,6 @@ def predict_staging(
                 probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
                 labels.append(batch["label"].numpy())
     finally:
-        _restore_augment(previous_augment)
         net.train(was_training)
     n_classes = getattr(net, "n_classes", 4)
     if not probs:
@@ -346,45 +322,44 @@ def train_staging(
     reference = reference_parameters(net, reference_state, device) if cfg.proximal_mu > 0 else None
     loader = _loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.num_workers, device)
     validate = val_ds is not None and len(val_ds) > 0
-    previous_augment = _set_augment(train_ds, cfg.augment)
+    augmentation = BatchAugmentation(cfg.seed) if cfg.augment else None
     start, waited, looped = time.perf_counter(), 0.0, 0.0
     losses, accuracies, val_aurocs, val_losses = [], [], [], []
     best_key, best_epoch, best_state = None, cfg.epochs, None
-    try:
-        for epoch in range(cfg.epochs):
-            net.train()
-            epoch_start = time.perf_counter()
-            loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-            for batch, wait in _timed(loader):
-                waited += wait
-                image = batch["image"].to(device, non_blocking=True)
-                available = batch["available"].to(device, non_blocking=True)
-                label = batch["label"].to(device, non_blocking=True)
-                with autocast_context(device, cfg.amp):
-                    logits = net(image, available)
-                loss = loss_fn(logits.float(), label)
-                _step(net, loss, reference, cfg.proximal_mu, optimizer, scaler)
-                loss_sum += loss.detach() * len(label)
-                correct += (logits.detach().argmax(dim=1) == label).sum()
-                seen += len(label)
-            _sync(device)
-            looped += time.perf_counter() - epoch_start
-            losses.append(float(loss_sum) / seen)
-            accuracies.append(float(correct) / seen)
-            line = f"staging epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f} acc {accuracies[-1]:.3f}"
-            if validate:
-                auroc, val_loss = _validation_score(net, val_ds, device, cfg.batch_size)
-                val_aurocs.append(auroc)
-                val_losses.append(val_loss)
-                line += f" val AUROC {auroc:.3f} val loss {val_loss:.4f}"
-                key = (auroc if np.isfinite(auroc) else -np.inf, -val_loss)
-                if cfg.select_on_val and (best_key is None or key > best_key):
-                    best_key, best_epoch = key, epoch + 1
-                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            if progress:
-                progress(line)
-    finally:
-        _restore_augment(previous_augment)
+    for epoch in range(cfg.epochs):
+        net.train()
+        epoch_start = time.perf_counter()
+        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        for batch, wait in _timed(loader):
+            waited += wait
+            image = batch["image"].to(device, non_blocking=True)
+            available = batch["available"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
+            if augmentation is not None:
+                image = augmentation.hips(image, available)
+            with autocast_context(device, cfg.amp):
+                logits = net(image, available)
+            loss = loss_fn(logits.float(), label)
+            _step(net, loss, reference, cfg.proximal_mu, optimizer, scaler)
+            loss_sum += loss.detach() * len(label)
+            correct += (logits.detach().argmax(dim=1) == label).sum()
+            seen += len(label)
+        _sync(device)
+        looped += time.perf_counter() - epoch_start
+        losses.append(float(loss_sum) / seen)
+        accuracies.append(float(correct) / seen)
+        line = f"staging epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f} acc {accuracies[-1]:.3f}"
+        if validate:
+            auroc, val_loss = _validation_score(net, val_ds, device, cfg.batch_size)
+            val_aurocs.append(auroc)
+            val_losses.append(val_loss)
+            line += f" val AUROC {auroc:.3f} val loss {val_loss:.4f}"
+            key = (auroc if np.isfinite(auroc) else -np.inf, -val_loss)
+            if cfg.select_on_val and (best_key is None or key > best_key):
+                best_key, best_epoch = key, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if progress:
+            progress(line)
     if best_state is not None:
         net.load_state_dict(best_state)
     result: dict[str, Any] = {
@@ -424,7 +399,6 @@ def evaluate_translation(
     device = next(net.parameters()).device if device is None else torch.device(device)
     was_training = net.training
     net.to(device).eval()
-    previous_augment = _set_augment(dataset, False)
     sums = {"mae_hu": 0.0, "psnr": 0.0, "ssim": 0.0}
     try:
         with torch.no_grad():
@@ -434,7 +408,6 @@ def evaluate_translation(
                 for key in sums:
                     sums[key] += values[key] * len(pred)
     finally:
-        _restore_augment(previous_augment)
         net.train(was_training)
     n = len(dataset)
     return {**{key: value / n for key, value in sums.items()}, "n_samples": n}

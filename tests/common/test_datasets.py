@@ -1,4 +1,4 @@
-"""Tests of the hip and MR-CT pair datasets and their augmentation."""
+"""Tests of the hip and MR-CT pair datasets."""
 
 from __future__ import annotations
 
@@ -29,26 +29,6 @@ def test_hip_item_types_and_class_index():
     assert torch.equal(item["image"], torch.from_numpy(images[0]))
 
 
-def test_augmentation_changes_available_protocols_only_and_keeps_shapes():
-    images, available, labels = _hips()
-    dataset = HipDataset(images, available, labels, augment=True, seed=1)
-    items = [dataset[0] for _ in range(5)]
-    assert all(i["image"].shape == (3, 4, 16, 16) for i in items)
-    assert all(torch.all(i["image"][1] == 0) for i in items)  # missing protocol stays zero
-    assert any(not torch.allclose(i["image"][0], torch.from_numpy(images[0, 0])) for i in items)
-    assert np.array_equal(dataset.images, images)  # the source array is never modified
-
-
-def test_augmentation_is_shared_across_slices_of_a_protocol():
-    # identical slices must stay identical up to the per-voxel noise after augmentation
-    images = np.repeat(np.random.default_rng(0).normal(size=(1, 1, 1, 32, 32)), 3, axis=2).astype(np.float32)
-    dataset = HipDataset(images, np.ones((1, 1), bool), np.array([2]), augment=True, seed=3)
-    for _ in range(5):
-        protocol = dataset[0]["image"][0]
-        differences = (protocol[1:] - protocol[0]).abs().mean(dim=(1, 2))
-        assert torch.all(differences < 0.15), differences
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -64,19 +44,12 @@ def test_hip_dataset_validates(change, message):
         HipDataset(*change(*_hips()))
 
 
-def test_pair_dataset_keeps_mr_and_ct_registered():
+def test_pair_item_shapes():
     rng = np.random.default_rng(0)
     mr = rng.normal(size=(3, 24, 24)).astype(np.float32)
-    ct = np.clip(mr / 3, -1, 1)
-    plain = PairDataset(mr, ct)[1]
-    assert plain["mr"].shape == (1, 24, 24) and plain["ct"].shape == (1, 24, 24)
-    augmented = PairDataset(mr, mr * 0.5, augment=True, seed=2)
-    for _ in range(4):
-        item = augmented[0]
-        assert item["ct"].min() >= -1 and item["ct"].max() <= 1
-        # same spatial transform on both: ct is still strongly correlated with mr
-        corr = np.corrcoef(item["mr"].flatten(), item["ct"].flatten())[0, 1]
-        assert corr > 0.8
+    item = PairDataset(mr, np.clip(mr / 3, -1, 1))[1]
+    assert item["mr"].shape == (1, 24, 24) and item["ct"].shape == (1, 24, 24)
+    assert torch.equal(item["mr"][0], torch.from_numpy(mr[1]))
 
 
 def test_pair_dataset_validates():

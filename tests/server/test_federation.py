@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,21 @@ def test_server_outputs_hold_no_patient_identifier(federated_run, tiny_federatio
     written = "".join(p.read_bytes().decode("latin-1") for p in cfg.run_dir.rglob("*") if p.is_file())
     leaked = [i for i in identifiers if i in written]
     assert leaked == []
+
+
+def test_rounds_record_bytes_and_times(federated_run):
+    """Each round's entry carries the bytes of the real messages per site and the round's times."""
+    cfg, results = federated_run
+    model_bytes = results["model-bytes"]  # float32 run: the exchanged state's size
+    for phase in ("pretrain", "stage"):
+        (entry,) = results["history"][phase]
+        sent, received = entry["bytes"]["train-sent"], entry["bytes"]["train-received"]
+        assert set(sent) == set(received) == {"site-00", "site-01"}
+        assert set(sent.values()) == set(received.values()) == {model_bytes[phase]}
+        assert set(entry["bytes"]["evaluate-sent"].values()) == {model_bytes[phase]}
+        seconds = entry["seconds"]
+        assert 0 < seconds["aggregate"] < seconds["train"] < seconds["round"]
+        assert set(entry["site-train-seconds"]) == {"site-00", "site-01"}
+    lines = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["phase"] for line in lines] == ["pretrain", "stage"]
+    assert all("bytes" in line and "round" in line["seconds"] for line in lines)
