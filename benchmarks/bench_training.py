@@ -10,7 +10,9 @@ What it measures:
 - **Throughput** (cpu-small, default grid P=5, K=8, 48x48): ``train_staging`` on random hips
   (all protocols available, augmentation on, ``num_workers=0``, batch 8) in hips per second,
   and ``train_translation`` in slice pairs per second; with ``data_wait_share``, the share of
-  the loop spent blocked on the DataLoader (issue 3's target: < 10 %).
+  the loop spent blocked on the DataLoader (issue 3's target: < 10 %). Augmentation runs on
+  whole batches inside the step (``common.augmentation``); its share of a step is timed
+  apart (20 calls on one batch) and reported beside.
 - **Parameters** (trainable) of the translation U-Net and the staging net (attention fusion).
 - **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode``: one forward (eval) and one
   training step (forward + backward), per hip for staging and per slice for translation.
@@ -42,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.augmentation import BatchAugmentation
 from common.datasets import HipDataset, PairDataset
 from common.models.factory import ModelConfig, build_staging, build_translation, count_parameters
 from common.models.translation import TranslationLoss
@@ -140,6 +143,14 @@ def _in_fresh_process(kwargs: dict) -> dict:
     return measure_network(**kwargs)
 
 
+def _seconds_per_call(call, repeats: int = 20) -> float:
+    call()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - start) / repeats
+
+
 def throughput(n_hips: int, epochs: int, n_pairs: int) -> dict:
     """Hips/s of ``train_staging`` and pairs/s of ``train_translation`` for cpu-small on random data."""
     rng = np.random.default_rng(0)
@@ -157,9 +168,18 @@ def throughput(n_hips: int, epochs: int, n_pairs: int) -> dict:
     )
     tcfg = TrainConfig(epochs=epochs, batch_size=16, device="cpu", augment=True, num_workers=0)
     translation = train_translation(build_translation(ModelConfig()), pairs, tcfg)
+    augmentation = BatchAugmentation(0)
+    image = torch.from_numpy(hips.images[:8])
+    available = torch.from_numpy(hips.available[:8])
+    mr, ct = (torch.from_numpy(a[:16, None]) for a in (pairs.mr, pairs.ct))
+    staging_step = staging["seconds"] / (epochs * -(-n_hips // 8))
+    translation_step = translation["seconds"] / (epochs * -(-n_pairs // 16))
     return {
+        "staging_augment_share": _seconds_per_call(lambda: augmentation.hips(image, available))
+        / staging_step,
+        "translation_augment_share": _seconds_per_call(lambda: augmentation.pairs(mr, ct)) / translation_step,
         "staging_hips_per_s": n_hips * epochs / staging["seconds"],
-        "staging_step_seconds": staging["seconds"] / (epochs * -(-n_hips // 8)),
+        "staging_step_seconds": staging_step,
         "staging_data_wait_share": staging["data_wait_share"],
         "translation_pairs_per_s": n_pairs * epochs / translation["seconds"],
         "translation_data_wait_share": translation["data_wait_share"],
@@ -193,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     t = results["throughput"]
     print(
         f"cpu-small staging: {t['staging_hips_per_s']:.1f} hips/s ({t['staging_step_seconds']:.2f} s per step of 8), "
-        f"data wait {100 * t['staging_data_wait_share']:.1f} % (target < {100 * DATA_WAIT_TARGET:.0f} %)"
+        f"data wait {100 * t['staging_data_wait_share']:.1f} % (target < {100 * DATA_WAIT_TARGET:.0f} %), "
+        f"batch augmentation {100 * t['staging_augment_share']:.1f} % of a step"
     )
     print(
         f"cpu-small translation: {t['translation_pairs_per_s']:.0f} slice pairs/s, "
-        f"data wait {100 * t['translation_data_wait_share']:.1f} %"
+        f"data wait {100 * t['translation_data_wait_share']:.1f} %, "
+        f"batch augmentation {100 * t['translation_augment_share']:.1f} % of a step"
     )
     jobs = []
     for preset in ("cpu-small", "vgg16"):
