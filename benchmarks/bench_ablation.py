@@ -1,8 +1,12 @@
-"""Ablation of the paper's two ingredients (pretraining, attention fusion), trained centrally.
+"""Ablation of the paper's two ingredients (pretraining, attention fusion), centralized and federated.
 
-Four models per seed, all with ``train_two_phase`` on the pooled training hips of every site
-and the compute budget of the run config (default ``presets/default.toml``: pretraining
-2 rounds x 1 epoch, staging 8 rounds x 2 epochs; epochs = rounds x epochs):
+Four models per seed and mode, with the compute budget of the run config (default
+``presets/default.toml``: pretraining 2 rounds x 1 epoch, staging 8 rounds x 2 epochs):
+
+- centralized: ``train_two_phase`` on the pooled training hips of every site (epochs = rounds
+  x epochs);
+- federated: both phases in Flower's simulation runtime, one simulated site per site folder,
+  the run config's strategy (FedAvg by default), exactly as ``onfh simulate`` runs them.
 
     plain VGG          fusion=plain,     pretrained=false
     + pretraining      fusion=plain,     pretrained=true
@@ -10,21 +14,25 @@ and the compute budget of the run config (default ``presets/default.toml``: pret
     full model         fusion=attention, pretrained=true
 
 Score: test macro AUROC pooled over all sites' held-out hips. The patient split is fixed
-(``--split-seed``); ``--seeds`` changes the initialisation, shuffling and augmentation. Phase 1
-runs once per seed and is shared by the two pretrained models.
+(``--split-seed``); ``--seeds`` changes the initialisation, shuffling and augmentation. In the
+centralized mode phase 1 runs once per seed and is shared by the two pretrained models; in the
+federated mode each pretrained model runs its own federated phase 1.
 
 Usage (from the repository root):
-    .venv/bin/python -m benchmarks.bench_ablation --seeds 0 1 2
-    .venv/bin/python -m benchmarks.bench_ablation --quick      # smoke: 1 epoch each, seed 0
+    .venv/bin/python -m benchmarks.bench_ablation --seeds 0 1 2            # both modes
+    .venv/bin/python -m benchmarks.bench_ablation --modes central --seeds 0
+    .venv/bin/python -m benchmarks.bench_ablation --quick                  # smoke: 1 epoch each, seed 0
 
 Prints one line per model, the table, the headline last, and writes JSON (default
-``benchmarks/results/ablation.json``, rewritten after every model so a cut run keeps its part).
+``benchmarks/results/ablation.json``, rewritten after every model). Runs already in that file
+(same mode, seed and model) are kept and not run again, so a cut run continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -44,6 +52,7 @@ CONFIGS: tuple[tuple[str, str, bool], ...] = (
     ("+ attention fusion", "attention", False),
     ("full model", "attention", True),
 )
+MODES = ("central", "federated")
 PAPER_GAIN_OF_FULL = {  # Kim et al. 2023: full model over each ablated model, AUROC points
     "plain VGG": 6.8,
     "+ pretraining": 2.6,  # = the "without attention fusion" ablation
@@ -61,26 +70,90 @@ def _summary(values: list[float]) -> dict:
     }
 
 
+def summarise(runs: list[dict]) -> dict:
+    """``{mode: {model: {"per_seed", "mean", "sd"}}}`` over the runs done so far."""
+    summary: dict = {}
+    for mode in MODES:
+        for name, _, _ in CONFIGS:
+            values = [
+                r["test_macro_auroc"] for r in runs if r.get("mode", "central") == mode and r["model"] == name
+            ]
+            if values:
+                summary.setdefault(mode, {})[name] = _summary(values)
+    return summary
+
+
 def table(results: dict) -> str:
-    """Markdown table: AUROC mean +- SD over seeds, the full model's gain over each row, the paper's."""
-    full = results["summary"].get("full model", {}).get("mean", float("nan"))
-    lines = [
-        "| model | fusion | pretrained | test macro AUROC, mean +- SD (per seed) "
-        "| full model minus this row (points) | paper: full minus this row |",
-        "|---|---|---|---|---|---|",
-    ]
+    """Markdown table: per mode AUROC mean +- SD over seeds and the full model's gain over each
+    row, with the paper's gain beside."""
+    modes = [m for m in MODES if m in results["summary"]]
+    header = "| model | fusion | pretrained |"
+    for mode in modes:
+        header += f" {mode}: test macro AUROC, mean +- SD (per seed) | {mode}: full minus this row (points) |"
+    lines = [header + " paper: full minus this row |", "|---|---|---|" + "---|---|" * len(modes) + "---|"]
     for name, fusion, pretrained in CONFIGS:
-        row = results["summary"].get(name)
-        if row is None:
-            continue
-        seeds = ", ".join(f"{v:.3f}" for v in row["per_seed"])
-        gain = 100 * (full - row["mean"])
+        cells = f"| {name} | {fusion} | {str(pretrained).lower()} |"
+        for mode in modes:
+            rows = results["summary"][mode]
+            row, full = rows.get(name), rows.get("full model", {}).get("mean", float("nan"))
+            if row is None:
+                cells += " - | - |"
+                continue
+            seeds = ", ".join(f"{v:.3f}" for v in row["per_seed"])
+            cells += f" {row['mean']:.3f} +- {row['sd']:.3f} ({seeds}) | {100 * (full - row['mean']):+.1f} |"
         paper = PAPER_GAIN_OF_FULL[name]
-        lines.append(
-            f"| {name} | {fusion} | {str(pretrained).lower()} | {row['mean']:.3f} +- {row['sd']:.3f} ({seeds}) "
-            f"| {gain:+.1f} | {'+' if paper else ''}{paper:.1f} |"
-        )
+        lines.append(cells + f" {'+' if paper else ''}{paper:.1f} |")
     return "\n".join(lines)
+
+
+def federated_run(base, data: Path, cache: Path, n_sites: int, workdir: Path) -> tuple[dict, float]:
+    """Both phases in Flower's simulation runtime with ``base``; returns the test summary and seconds."""
+    from simulation.run import run_federated
+
+    cfg = base.replace(
+        data_root=str(data.resolve()),
+        cache_dir=str(cache.resolve()),
+        output_dir=str(workdir.resolve()),
+        run_name=f"{base.fusion}-{'pre' if base.pretrained else 'scratch'}-seed{base.seed}-{os.getpid()}",
+    )
+    t0 = time.time()
+    results = run_federated(cfg, n_sites)
+    return results["test"], time.time() - t0
+
+
+def _central_run(sites, cfg, translation_state, pretrain_info, pretrain_seconds) -> dict:
+    t0 = time.time()
+    net, info = train_two_phase(sites, cfg, translation_state=translation_state)
+    scores = evaluate_sites(net, sites, n_boot=1000)
+    pooled = scores["pooled"]
+    return {
+        "test_macro_auroc": pooled["macro_auroc"],
+        "test_macro_auroc_ci": pooled["macro_auroc_ci"],
+        "test_per_stage_auroc": pooled["per_stage_auroc"],
+        "test_accuracy": pooled["accuracy"],
+        "test_balanced_accuracy": pooled["balanced_accuracy"],
+        "test_qwk": pooled["qwk"],
+        "test_hips": pooled["n_samples"],
+        "per_site_auroc": {k: v["macro_auroc"] for k, v in scores["sites"].items()},
+        "train_loss_last_epoch": info["stage"]["loss"],
+        "train_accuracy_last_epoch": info["stage"]["accuracy"],
+        "stage_seconds": time.time() - t0,
+        "pretrain_seconds": pretrain_seconds if cfg.pretrained else 0.0,
+        "pretrain_loss": pretrain_info.get("loss") if cfg.pretrained else None,
+    }
+
+
+def _federated_row(test: dict, seconds: float) -> dict:
+    return {
+        "test_macro_auroc": test["macro-auroc"],
+        "test_per_stage_auroc": [test.get(f"auroc-stage-{s}") for s in range(1, 5)],
+        "test_accuracy": test.get("accuracy"),
+        "test_balanced_accuracy": test.get("balanced-accuracy"),
+        "test_qwk": test.get("qw-kappa"),
+        "test_hips": int(test.get("n-hips", 0)),
+        "per_site_auroc": {k: v.get("macro-auroc") for k, v in test.get("sites", {}).items()},
+        "seconds": seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,14 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cache_default"), help="cache root (site-NN)")
     parser.add_argument("--config", type=Path, default=Path("presets/default.toml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--split-seed", type=int, default=0, help="patient split (fixed across seeds)")
     parser.add_argument("--quick", action="store_true", help="smoke: 1 epoch per phase, 200 pairs per site")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ablation.json"))
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/tmp/onfh-ablation-runs"), help="federated runs' outputs"
+    )
     args = parser.parse_args(argv)
 
-    overrides = {}
+    overrides = {"split_seed": args.split_seed}
     if args.quick:
-        overrides = dict(
+        overrides.update(
             pretrain_rounds=1, pretrain_epochs=1, pretrain_max_pairs=200, stage_rounds=1, stage_epochs=1
         )
     base = load_run_config(args.config, **overrides)
@@ -111,79 +188,97 @@ def main(argv: list[str] | None = None) -> int:
     ]
     counts = {s.name: {sp: len(s.staging_set(sp)[2]) for sp in ("train", "val", "test")} for s in sites}
     print(f"{len(sites)} sites loaded in {time.time() - started:.0f} s; labelled hips: {counts}")
+    budget = {
+        "pretrain_epochs": base.pretrain_rounds * base.pretrain_epochs,
+        "pretrain_max_pairs_per_site": base.pretrain_max_pairs,
+        "stage_epochs": base.stage_rounds * base.stage_epochs,
+        "model_preset": base.model_preset,
+        "strategy": base.strategy,
+    }
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    same_setup = previous.get("budget") == budget and previous.get("labelled_hips") == counts
+    runs = previous.get("runs", []) if same_setup else []
+    if runs:
+        print(f"{len(runs)} runs kept from {args.out} (same data, split and budget)")
     results: dict = {
         "command": "python -m benchmarks.bench_ablation "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, no GPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         "date": date.today().isoformat(),
         "torch": torch.__version__,
         "data": str(args.data),
         "labelled_hips": counts,
-        "budget": {
-            "pretrain_epochs": base.pretrain_rounds * base.pretrain_epochs,
-            "pretrain_max_pairs_per_site": base.pretrain_max_pairs,
-            "stage_epochs": base.stage_rounds * base.stage_epochs,
-            "model_preset": base.model_preset,
-        },
-        "runs": [],
-        "summary": {},
+        "budget": budget,
+        "runs": runs,
+        "summary": summarise(runs),
     }
+
+    def done(mode: str, seed: int, name: str) -> bool:
+        return any(
+            r.get("mode", "central") == mode and r["seed"] == seed and r["model"] == name for r in runs
+        )
+
+    def record(run: dict) -> None:
+        runs.append(run)
+        results["summary"] = summarise(runs)
+        results["seconds"] = time.time() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(
+            f"{run['mode']:<9} seed {run['seed']} {run['model']:<19} AUROC {run['test_macro_auroc']:.3f} "
+            f"({run['test_hips']} hips)",
+            flush=True,
+        )
+
     for seed in args.seeds:
         cfg_seed = base.replace(seed=seed)
-        t0 = time.time()
-        translation_state, pretrain_info = pretrain_translation(sites, cfg_seed.replace(pretrained=True))
-        pretrain_seconds = time.time() - t0
-        print(
-            f"seed {seed}: phase 1 in {pretrain_seconds:.0f} s, loss {pretrain_info.get('loss', float('nan')):.4f}"
-        )
-        for name, fusion, pretrained in CONFIGS:
-            cfg = cfg_seed.replace(fusion=fusion, pretrained=pretrained)
+        if "central" in args.modes and not all(done("central", seed, n) for n, _, _ in CONFIGS):
             t0 = time.time()
-            net, info = train_two_phase(sites, cfg, translation_state=translation_state)
-            scores = evaluate_sites(net, sites, n_boot=1000)
-            pooled = scores["pooled"]
-            run = {
-                "seed": seed,
-                "model": name,
-                "fusion": fusion,
-                "pretrained": pretrained,
-                "test_macro_auroc": pooled["macro_auroc"],
-                "test_macro_auroc_ci": pooled["macro_auroc_ci"],
-                "test_per_stage_auroc": pooled["per_stage_auroc"],
-                "test_accuracy": pooled["accuracy"],
-                "test_balanced_accuracy": pooled["balanced_accuracy"],
-                "test_qwk": pooled["qwk"],
-                "test_hips": pooled["n_samples"],
-                "per_site_auroc": {k: v["macro_auroc"] for k, v in scores["sites"].items()},
-                "train_loss_last_epoch": info["stage"]["loss"],
-                "train_accuracy_last_epoch": info["stage"]["accuracy"],
-                "stage_seconds": time.time() - t0,
-                "pretrain_seconds": pretrain_seconds if pretrained else 0.0,
-                "pretrain_loss": pretrain_info.get("loss") if pretrained else None,
-            }
-            results["runs"].append(run)
-            print(
-                f"seed {seed} {name:<19} AUROC {run['test_macro_auroc']:.3f} "
-                f"(CI {run['test_macro_auroc_ci'][0]:.3f}-{run['test_macro_auroc_ci'][1]:.3f}, "
-                f"{run['test_hips']} hips) train loss {run['train_loss_last_epoch']:.3f} "
-                f"in {run['stage_seconds']:.0f} s",
-                flush=True,
-            )
-            results["summary"] = {
-                n: _summary([r["test_macro_auroc"] for r in results["runs"] if r["model"] == n])
-                for n, _, _ in CONFIGS
-                if any(r["model"] == n for r in results["runs"])
-            }
-            results["seconds"] = time.time() - started
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2))
+            translation_state, pretrain_info = pretrain_translation(sites, cfg_seed.replace(pretrained=True))
+            pretrain_seconds = time.time() - t0
+            print(f"central seed {seed}: phase 1 in {pretrain_seconds:.0f} s", flush=True)
+            for name, fusion, pretrained in CONFIGS:
+                if done("central", seed, name):
+                    continue
+                cfg = cfg_seed.replace(fusion=fusion, pretrained=pretrained)
+                row = _central_run(sites, cfg, translation_state, pretrain_info, pretrain_seconds)
+                record(
+                    {
+                        "mode": "central",
+                        "seed": seed,
+                        "model": name,
+                        "fusion": fusion,
+                        "pretrained": pretrained,
+                        **row,
+                    }
+                )
+        if "federated" in args.modes:
+            for name, fusion, pretrained in CONFIGS:
+                if done("federated", seed, name):
+                    continue
+                cfg = cfg_seed.replace(fusion=fusion, pretrained=pretrained)
+                test, seconds = federated_run(cfg, args.data, args.cache, len(site_dirs), args.workdir)
+                record(
+                    {
+                        "mode": "federated",
+                        "seed": seed,
+                        "model": name,
+                        "fusion": fusion,
+                        "pretrained": pretrained,
+                        **_federated_row(test, seconds),
+                    }
+                )
     print()
     print(table(results))
-    summary = results["summary"]
-    full, plain = summary["full model"]["mean"], summary["plain VGG"]["mean"]
+    parts = []
+    for mode, rows in results["summary"].items():
+        if "full model" in rows and "plain VGG" in rows:
+            full, plain = rows["full model"]["mean"], rows["plain VGG"]["mean"]
+            parts.append(
+                f"{mode} full model {full:.3f} vs plain VGG {plain:.3f} ({100 * (full - plain):+.1f} points)"
+            )
     print(
-        f"\nheadline: full model {full:.3f} vs plain VGG {plain:.3f} test macro AUROC "
-        f"({100 * (full - plain):+.1f} points; paper +6.8) over seeds {args.seeds}, "
+        f"\nheadline: {'; '.join(parts)} test macro AUROC (paper +6.8) over seeds {args.seeds}, "
         f"{time.time() - started:.0f} s -> {args.out}"
     )
     return 0

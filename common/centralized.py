@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="one model per site, trained on that site alone")
     parser.add_argument("--config", type=Path, help="TOML preset of run-config keys (e.g. presets/tiny.toml)")
     parser.add_argument(
-        "--seed", type=int, help="overrides the run config's seed (training and patient split)"
+        "--seed", type=int, help="overrides the run config's seed (initialisation, shuffling, augmentation)"
     )
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/onfh"), help="one sub-folder per site")
     parser.add_argument("--workers", type=int, default=1, help="processes for preprocessing (first load)")
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 d,
                 args.cache_dir / d.name,
                 cfg.preprocess,
-                split_seed=cfg.seed,
+                split_seed=cfg.split_seed,
                 name=d.name,
                 workers=max(args.workers, 1),
                 progress=print,

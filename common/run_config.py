@@ -33,7 +33,11 @@ class RunConfig:
     """Every setting of a federated run. Field ``hip_slices`` is run-config key ``hip-slices``."""
 
     run_name: str = ""
+    # Initialisation, shuffling, augmentation, sampling.
     seed: int = 0
+    # Each site's train/val/test split of its patients; kept apart from ``seed`` so that runs
+    # with different seeds are scored on the same held-out hips.
+    split_seed: int = 0
     # Synthetic federation (simulation only; deployed sites use node config ``data-dir``).
     data_root: str = "data/federation"
     cache_dir: str = ".cache/onfh"

@@ -66,7 +66,7 @@ def _preprocess_site(site_dir: Path, cfg) -> str:
         site_dir,
         Path(cfg.cache_dir) / site_dir.name,
         cfg.preprocess,
-        split_seed=cfg.seed,
+        split_seed=cfg.split_seed,
         name=site_dir.name,
         progress=lambda m: print("      " + m, flush=True),
     )
