@@ -7,7 +7,9 @@ from flwr.app import Array, ArrayRecord
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # np.asarray(order="C"), not np.ascontiguousarray: that one turns a 0-d array (a BatchNorm
+    # step counter kept at the site under FedBN) into shape (1,).
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
