@@ -109,3 +109,31 @@ def test_rounds_record_bytes_and_times(federated_run):
     lines = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["phase"] for line in lines] == ["pretrain", "stage"]
     assert all("bytes" in line and "round" in line["seconds"] for line in lines)
+
+
+def test_fedbn_run_keeps_norm_layers_at_the_sites(tiny_federation, tmp_path):
+    """FedBN over two staging rounds: the sites' own norm layers come back from context.state
+    in round 2 and in every evaluation, and never reach the server's model."""
+    from common.models.factory import build_staging
+    from common.weights import local_norm_keys
+    from simulation.run import run_federated
+
+    cfg = tiny_config(
+        tiny_federation, tmp_path, run_name="fedbn", fedbn=True, pretrain_rounds=1, stage_rounds=2
+    )
+    results = run_federated(cfg, n_sites=2)
+    assert results["failures"] == [], results["failures"]
+    assert [r["round"] for r in results["history"]["stage"]] == [1, 2]
+    assert all(r["train-sites"] == 2 for r in results["history"]["stage"])
+    assert all("evaluate" in r for r in results["history"]["stage"])
+    # The server never received a site's norm layers: its model keeps them as initialised
+    # (BatchNorm statistics at 0 and 1), while the shared weights moved.
+    model = np.load(cfg.run_dir / "final_model.npz")
+    initial = build_staging(cfg.model).state_dict()
+    norm = local_norm_keys(build_staging(cfg.model))
+    stats = [k for k in norm if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for key in stats:
+        np.testing.assert_array_equal(model[key], initial[key].numpy(), err_msg=key)
+    shared = [k for k in model.files if k not in norm and k.endswith("weight")]
+    assert any(not np.allclose(model[k], initial[k].numpy()) for k in shared)
