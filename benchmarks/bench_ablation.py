@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain_epochs": base.pretrain_rounds * base.pretrain_epochs,
         "pretrain_max_pairs_per_site": base.pretrain_max_pairs,
         "stage_epochs": base.stage_rounds * base.stage_epochs,
+        "batch_size": base.batch_size,
         "model_preset": base.model_preset,
         "strategy": base.strategy,
     }

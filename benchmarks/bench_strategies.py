@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "budget": {
             k: getattr(base, k)
-            for k in ("pretrain_rounds", "pretrain_epochs", "stage_rounds", "stage_epochs")
+            for k in ("pretrain_rounds", "pretrain_epochs", "stage_rounds", "stage_epochs", "batch_size")
         },
     }
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}

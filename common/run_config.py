@@ -71,7 +71,10 @@ class RunConfig:
     stage_rounds: int = 8
     stage_epochs: int = 2
     stage_lr: float = 5e-4
-    batch_size: int = 8
+    # Hips per staging step (pretraining uses at least 16 pairs). Small on purpose: a site holds
+    # 15-25 labelled training hips, so a round of 2 epochs is only a few steps, and FedAvg moves
+    # the model about one site's steps per round; 4 doubles the steps at equal compute.
+    batch_size: int = 4
     # Keep the weights of the round (federated) or epoch (centralized) with the best validation AUROC.
     select_on_val: bool = True
     class_weighted: bool = True
