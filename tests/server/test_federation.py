@@ -58,7 +58,13 @@ def test_two_phase_run_writes_results(federated_run):
     history = results["history"]
     assert [r["round"] for r in history["pretrain"]] == [1]
     assert [r["round"] for r in history["stage"]] == [1]
-    assert history["pretrain"][0]["evaluate"]["mae-hu"] > 0
+    pretrain_eval = history["pretrain"][0]["evaluate"]
+    # The salted per-site split may leave a tiny site without validation pairs; the MAE is
+    # reported whenever some site has them.
+    if pretrain_eval["num-examples"] > 0:
+        assert pretrain_eval["mae-hu"] > 0
+    else:
+        assert "mae-hu" not in pretrain_eval
     test = results["test"]
     assert_auroc_defined_where_it_can_be(test)
     assert test["n-hips"] == sum(s["num-examples"] for s in test["sites"].values())
