@@ -32,10 +32,10 @@ def strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def write_test_preset(path: Path) -> Path:
+def write_test_preset(path: Path, **extra) -> Path:
     """presets/tiny.toml with an even smaller phase-1 budget: these tests check behaviour only."""
     values = tomllib.loads((REPO / "presets" / "tiny.toml").read_text())
-    values.update({"pretrain-max-pairs": 16, "batch-size": 4})
+    values.update({"pretrain-max-pairs": 16, "batch-size": 4, **extra})
     path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
     return path
 
@@ -76,6 +76,7 @@ def setup(tiny_federation, tmp_path_factory) -> dict:
     preset = write_test_preset(work / "test.toml")
     cache = shared_cache(tmp_path_factory)
     seed = pick_split_seed(tiny_federation, cache, load_run_config(preset))
+    preset = write_test_preset(work / "test.toml", **{"split-seed": seed})  # the CLI reads it there
     cfg = load_run_config(preset, seed=seed)
     return {"work": work, "preset": preset, "cache": cache, "seed": seed, "cfg": cfg, "fed": tiny_federation}
 
