@@ -24,30 +24,35 @@ from server.strategy import PhaseState, build_strategy, message_bytes, tensor_by
 SITES = {11: "site-a", 12: "site-b"}
 
 
+def _not_for_configure(name: str):
+    raise AssertionError(f"configure_* should only list nodes; it called Grid.{name}")
+
+
 class TwoNodeGrid(Grid):
-    """The transport side of Flower's Grid interface, reduced to listing the connected nodes."""
+    """Flower's Grid reduced to listing the connected nodes: the only call a strategy's
+    configure_* makes. Every other method fails the test if called."""
 
     def set_run(self, run):
-        raise NotImplementedError
+        _not_for_configure("set_run")
 
     @property
     def run(self):
-        raise NotImplementedError
+        _not_for_configure("run")
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
+        _not_for_configure("create_message")
 
     def get_node_ids(self):
         return list(SITES)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        _not_for_configure("push_messages")
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        _not_for_configure("pull_messages")
 
     def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
+        _not_for_configure("send_and_receive")
 
 
 @pytest.fixture(autouse=True)
