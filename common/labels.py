@@ -6,6 +6,7 @@ import csv
 import hashlib
 import math
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -229,13 +230,19 @@ def _unit_hash(key: str, seed: int) -> float:
 
 
 def split_patients(
-    patient_keys: list[str], seed: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    patient_keys: list[str],
+    seed: int,
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    groups: Mapping[str, Collection[str]] | None = None,
 ) -> dict[str, str]:
     """Assign each patient to ``"train"``, ``"val"`` or ``"test"`` (hips follow their patient).
 
     Each key's split depends only on a hash of (seed, key), so adding a patient never moves
-    another, except when a split would be empty: with 3 or more patients every split with a
-    non-zero fraction gets at least one patient (the one hashed closest to that split).
+    another, except where a split would be empty. A small site gets every split it can: with 3
+    or more patients every split with a non-zero fraction gets at least one patient (the one
+    hashed closest to that split), and the same holds inside each of ``groups`` (say, the
+    labelled patients and the patients with MR-CT pairs); a group of one or two patients gets
+    train first, then test. A patient is only moved where that empties no split a group needs.
 
     Raises:
         ValueError: fractions not three non-negative numbers summing to 1.
@@ -250,13 +257,27 @@ def split_patients(
     keys = sorted(set(patient_keys))
     position = {key: _unit_hash(key, seed) for key in keys}
     split = {key: SPLITS[sum(position[key] >= b for b in bounds)] for key in keys}
-    if len(keys) >= 3:
-        for index, name in enumerate(SPLITS):
-            if fractions[index] == 0 or name in split.values():
+    priority = [name for name in ("train", "test", "val") if fractions[SPLITS.index(name)] > 0]
+    members = [keys] + [sorted(set(g) & set(keys)) for g in (groups or {}).values()]
+
+    def needs(group: list[str]) -> list[str]:
+        return priority if len(group) >= 3 else priority[: len(group)]
+
+    def movable(key: str) -> bool:
+        here = split[key]
+        return all(
+            here not in needs(group) or sum(split[k] == here for k in group) > 1
+            for group in members
+            if key in group
+        )
+
+    for group in members:
+        for name in needs(group):
+            if any(split[k] == name for k in group):
                 continue
+            index = SPLITS.index(name)
             centre = sum(fractions[:index]) + fractions[index] / 2
-            counts = {s: list(split.values()).count(s) for s in SPLITS}
-            donors = [k for k in keys if counts[split[k]] > 1]
-            chosen = min(donors, key=lambda k: abs(position[k] - centre))
-            split[chosen] = name
+            donors = [k for k in group if movable(k)]
+            if donors:
+                split[min(donors, key=lambda k: abs(position[k] - centre))] = name
     return {key: split[key] for key in patient_keys}

@@ -40,7 +40,7 @@ from common.volume import Volume
 log = logging.getLogger("onfh.site")
 
 SIDES: tuple[str, ...] = ("R", "L")
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # Modules whose code decides what a cached hip holds: a change to any of them starts a new cache.
 PREPROCESSING_MODULES = (
     "dicom_io.py",
@@ -146,6 +146,13 @@ def _salt(cache_dir: Path) -> bytes:
 def patient_key(patient_id: str, salt: bytes) -> str:
     """Pseudonym of a patient, stable within a site (same salt), meaningless outside it."""
     return hashlib.sha256(salt + patient_id.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def split_id(patient_id: str) -> str:
+    """What the train/val/test split hashes: the same on every install (unlike the salted key),
+    so that a fresh cache, a second machine or a rebuilt site draws the same test patients.
+    Kept in the site's cache only, beside the images; never sent."""
+    return hashlib.sha256(b"onfh-split|" + patient_id.encode()).hexdigest()[:KEY_LENGTH]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -599,9 +606,11 @@ def _build(
         problems.extend(results[job.key].problems)
     complete = not any(r.failed for r in results.values())
     arrays = _stack(jobs, results, settings)
+    pid_of = {job.key: pid for pid, job in zip(patients, jobs, strict=True)}
     summaries = [
         {
             "key": job.key,
+            "split_id": split_id(pid_of[job.key]),
             "folder": files.hide(job.folder, identifiers),
             "protocols": job.scan.protocols(),
             "has_ct": job.scan.has_ct,
@@ -780,8 +789,16 @@ def _assemble(
     stages = np.where(label_values > 0, label_values, 0)
     healthy = label_values == 0
     pair_keys = [str(k) for k in arrays["pair_keys"]]
-    split = split_patients(sorted(set(keys) | set(pair_keys)), seed=split_seed)
-    split = {str(k): str(v) for k, v in split.items()}
+    split_of = {p["key"]: p["split_id"] for p in index["patients"]}
+    by_split_id = split_patients(
+        sorted(split_of.values()),
+        seed=split_seed,
+        groups={
+            "labelled": {split_of[k] for k, s in zip(keys, stages, strict=True) if s > 0},
+            "with MR-CT pairs": {split_of[k] for k in pair_keys},
+        },
+    )
+    split = {key: by_split_id[sid] for key, sid in split_of.items()}
     available = arrays["available"].astype(bool)
     confidence = arrays["confidence"].astype(np.float32)
     patients = [

@@ -138,6 +138,26 @@ def test_every_split_non_empty_from_three_patients(n: int) -> None:
         assert set(split.values()) == {"train", "val", "test"}
 
 
+@pytest.mark.parametrize("n", [6, 8, 12])
+def test_small_groups_get_train_then_test(n: int) -> None:
+    """Inside each group (the labelled patients, the patients with MR-CT pairs) a small site still
+    gets a training patient, then a test patient, then a validation one, whatever the hash drew."""
+    keys = [f"p{i}" for i in range(n)]
+    for seed in range(50):
+        for with_pairs in ({keys[0]}, {keys[0], keys[5]}):
+            groups = {"labelled": set(keys[1:5]), "with MR-CT pairs": with_pairs}
+            split = split_patients(keys, seed=seed, groups=groups)
+            assert set(split.values()) == {"train", "val", "test"}
+            assert {split[k] for k in groups["labelled"]} == {"train", "val", "test"}
+            assert {split[k] for k in with_pairs} == ({"train", "test"} if len(with_pairs) == 2 else {"train"})
+
+
+def test_groups_leave_a_large_site_alone() -> None:
+    keys = [f"key-{i:03d}" for i in range(200)]
+    groups = {"labelled": set(keys[::2]), "with MR-CT pairs": set(keys[::3])}
+    assert split_patients(keys, seed=3, groups=groups) == split_patients(keys, seed=3)
+
+
 def test_split_rejects_bad_fractions() -> None:
     with pytest.raises(ValueError, match="fractions"):
         split_patients(["a"], seed=0, fractions=(0.5, 0.5, 0.5))

@@ -14,7 +14,8 @@ import pydicom
 import pytest
 
 from common.dicom_io import scan_site
-from common.site_data import SiteData, load_site, patient_key
+from common.labels import split_patients
+from common.site_data import SiteData, load_site, patient_key, split_id
 
 # Femoral-head centre error targets (issue 2), mm.
 CENTRE_MEDIAN_MM = 2.0
@@ -381,3 +382,27 @@ def test_damaged_cache_is_rebuilt_not_fatal(small, tmp_path):
     again = load_site(site_dir, cache, progress=lines.append)
     assert lines == []  # the patients' own cache files were still good
     np.testing.assert_array_equal(again.images, small["site"].images)
+
+
+@pytest.mark.slow
+def test_split_is_the_same_on_every_install(federation):
+    """The split hangs on the patient IDs and the split seed, not on the cache's random salt,
+    and a small site still trains and tests on what it has."""
+    for name, site in federation["sites"].items():
+        salt = (federation["cache"] / name / "pseudonym.salt").read_bytes()
+        truth = read_truth(federation["root"] / name)
+        staged = [p for p in truth if any(h["labelled"] and h["stage"] > 0 for h in p["hips"].values())]
+        with_ct = [p for p in truth if p["has_ct"]]
+        expected = split_patients(
+            [split_id(p["patient_id"]) for p in truth],
+            seed=0,
+            groups={
+                "labelled": {split_id(p["patient_id"]) for p in staged},
+                "with MR-CT pairs": {split_id(p["patient_id"]) for p in with_ct},
+            },
+        )
+        split = {p["patient_id"]: site.split[patient_key(p["patient_id"], salt)] for p in truth}
+        assert split == {p["patient_id"]: expected[split_id(p["patient_id"])] for p in truth}
+        assert "train" in {split[p["patient_id"]] for p in with_ct}
+        assert {"train", "test"} <= {split[p["patient_id"]] for p in staged}
+        assert len(site.pair_set("train")[0]) > 0
