@@ -162,7 +162,7 @@ def test_run_completes_over_tls_with_node_authentication(finished_run, deploymen
     assert results["failures"] == []
     assert [r["round"] for r in results["history"]["pretrain"]] == [1]
     assert [r["round"] for r in results["history"]["stage"]] == [1]
-    # Both sites took part; a site whose salted split left it no labelled test hip sits the test out.
+    # Both sites took part; a site whose split left it no labelled test hip sits the test out.
     assert set(results["test"]["sites"]) <= {"site-00", "site-01"} and results["test"]["sites"]
     assert set(results["history"]["inventory"]) == {"site-00", "site-01"}
     server_log = (run_dir / "server.log").read_text()

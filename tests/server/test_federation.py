@@ -59,7 +59,7 @@ def test_two_phase_run_writes_results(federated_run):
     assert [r["round"] for r in history["pretrain"]] == [1]
     assert [r["round"] for r in history["stage"]] == [1]
     pretrain_eval = history["pretrain"][0]["evaluate"]
-    # The salted per-site split may leave a tiny site without validation pairs; the MAE is
+    # A tiny site with fewer than three MR-CT patients has no validation pairs; the MAE is
     # reported whenever some site has them.
     if pretrain_eval["num-examples"] > 0:
         assert pretrain_eval["mae-hu"] > 0
