@@ -790,12 +790,18 @@ def _assemble(
     healthy = label_values == 0
     pair_keys = [str(k) for k in arrays["pair_keys"]]
     split_of = {p["key"]: p["split_id"] for p in index["patients"]}
+    # Small sites: every split gets labelled patients, MR-CT pairs and, where three patients
+    # have it, each stage, so that a test set can score all four stages.
+    staged = {
+        stage: {split_of[k] for k, s in zip(keys, stages, strict=True) if s == stage} for stage in STAGES
+    }
     by_split_id = split_patients(
         sorted(split_of.values()),
         seed=split_seed,
         groups={
-            "labelled": {split_of[k] for k, s in zip(keys, stages, strict=True) if s > 0},
+            "labelled": set().union(*staged.values()),
             "with MR-CT pairs": {split_of[k] for k in pair_keys},
+            **{f"stage {stage}": members for stage, members in staged.items()},
         },
     )
     split = {key: by_split_id[sid] for key, sid in split_of.items()}

@@ -149,7 +149,9 @@ def test_small_groups_get_train_then_test(n: int) -> None:
             split = split_patients(keys, seed=seed, groups=groups)
             assert set(split.values()) == {"train", "val", "test"}
             assert {split[k] for k in groups["labelled"]} == {"train", "val", "test"}
-            assert {split[k] for k in with_pairs} == ({"train", "test"} if len(with_pairs) == 2 else {"train"})
+            assert {split[k] for k in with_pairs} == (
+                {"train", "test"} if len(with_pairs) == 2 else {"train"}
+            )
 
 
 def test_groups_leave_a_large_site_alone() -> None:

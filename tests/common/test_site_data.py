@@ -391,7 +391,13 @@ def test_split_is_the_same_on_every_install(federation):
     for name, site in federation["sites"].items():
         salt = (federation["cache"] / name / "pseudonym.salt").read_bytes()
         truth = read_truth(federation["root"] / name)
-        staged = [p for p in truth if any(h["labelled"] and h["stage"] > 0 for h in p["hips"].values())]
+        having = {
+            stage: [
+                p for p in truth if any(h["labelled"] and h["stage"] == stage for h in p["hips"].values())
+            ]
+            for stage in (1, 2, 3, 4)
+        }
+        staged = [p for p in truth if any(p in having[stage] for stage in having)]
         with_ct = [p for p in truth if p["has_ct"]]
         expected = split_patients(
             [split_id(p["patient_id"]) for p in truth],
@@ -399,6 +405,7 @@ def test_split_is_the_same_on_every_install(federation):
             groups={
                 "labelled": {split_id(p["patient_id"]) for p in staged},
                 "with MR-CT pairs": {split_id(p["patient_id"]) for p in with_ct},
+                **{f"stage {s}": {split_id(p["patient_id"]) for p in having[s]} for s in having},
             },
         )
         split = {p["patient_id"]: site.split[patient_key(p["patient_id"], salt)] for p in truth}
