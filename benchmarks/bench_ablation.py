@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.centralized import evaluate_sites, load_run_config, pretrain_translation, train_two_phase
-from common.site_data import load_site
+from common.sitedata.load import load_site
+from common.training.centralized import evaluate_sites, load_run_config, pretrain_translation, train_two_phase
 
 # (name, fusion, pretrained); the paper's gain is the full model's AUROC minus this row's, in points.
 CONFIGS: tuple[tuple[str, str, bool], ...] = (
@@ -108,7 +108,7 @@ def table(results: dict) -> str:
 
 def federated_run(base, data: Path, cache: Path, n_sites: int, workdir: Path) -> tuple[dict, float]:
     """Both phases in Flower's simulation runtime with ``base``; returns the test summary and seconds."""
-    from simulation.run import run_federated
+    from simulation.main_job import run_federated
 
     cfg = base.replace(
         data_root=str(data.resolve()),

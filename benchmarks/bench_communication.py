@@ -78,8 +78,8 @@ def prepare_federation(
     ``generate_federation`` reuses a folder that holds the same federation and regenerates one
     written by it with other parameters; preprocessing reuses a filled cache.
     """
-    from common.centralized import load_run_config
-    from simulation.run import preprocess_sites
+    from common.training.centralized import load_run_config
+    from simulation.main_job import preprocess_sites
     from simulation.synth import generate_federation
 
     cfg = load_run_config(
@@ -103,7 +103,7 @@ def prepare_federation(
 
 def run_fresh(cfg, n_sites: int) -> tuple[dict, float]:
     """One federated run from scratch (its run folder emptied first); returns (results.json, seconds)."""
-    from simulation.run import run_federated
+    from simulation.main_job import run_federated
 
     if cfg.run_dir.exists():
         shutil.rmtree(cfg.run_dir)  # the recorder appends to metrics.jsonl: start clean
@@ -135,7 +135,7 @@ def auroc(value) -> float | None:
 def fp32_model_bytes(cfg) -> dict[str, int]:
     """Bytes of the exchanged state of each network with every tensor in float32."""
     from common.models.factory import build_staging, build_translation
-    from common.weights import get_shared_state
+    from common.training.weights import get_shared_state
 
     return {
         phase: int(sum(v.nbytes for v in get_shared_state(build(cfg.model), cfg.fedbn, "float32").values()))

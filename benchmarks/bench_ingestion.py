@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pydicom
 
-from common.dicom_io import load_volume, scan_site
 from common.problems import ProblemLog
-from common.site_data import load_site
+from common.sitedata.dicom_io import load_volume, scan_site
+from common.sitedata.load import load_site
 
 CACHED_TARGET = 20.0  # cached load_site should be at least this many times faster than cold
 

@@ -91,7 +91,7 @@ def _worker_init() -> None:
 
 
 def _site(cfg_dict: dict, index: int):
-    from common.run_config import RunConfig, SiteConfig
+    from common.config import RunConfig, SiteConfig
 
     cfg = RunConfig.from_dict(cfg_dict)
     return cfg, SiteConfig.from_node_config({"partition-id": index}, cfg)
@@ -137,10 +137,10 @@ def weighted_mean(updates: list[dict[str, np.ndarray]], examples: list[float]) -
 
 def replay(cfg, n_sites: int) -> dict:
     """Both phases as plain function calls on a process pool; times per round and the weights."""
-    from common.device import seed_everything
     from common.models.factory import build_staging, build_translation
     from common.models.transfer import load_pretrained_encoder
-    from common.weights import get_shared_state, set_shared_state
+    from common.training.device import seed_everything
+    from common.training.weights import get_shared_state, set_shared_state
 
     # The server's initial weights, built in the server's order after the same seeding.
     seed_everything(cfg.seed)
@@ -330,7 +330,7 @@ def _replies(site_arrays: list[dict], examples: list[int]) -> list:
     """Train replies as client/client_app.py builds them, to instructions as the server sends them."""
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-    from server.records import to_record
+    from common.records import to_record
 
     replies = []
     for i, (arrays, n) in enumerate(zip(site_arrays, examples, strict=True)):
@@ -353,9 +353,9 @@ def _replies(site_arrays: list[dict], examples: list[int]) -> list:
 def aggregation_case(preset: str, network: str, n_sites: int, repeats: int, seed: int = 0) -> dict:
     from flwr.serverapp.strategy import FedAvg
 
+    from common.config import RunConfig
     from common.models.factory import build_staging, build_translation, count_parameters
-    from common.run_config import RunConfig
-    from common.weights import get_shared_state
+    from common.training.weights import get_shared_state
     from server.strategy import PhaseState, build_strategy
 
     cfg = RunConfig(model_preset=preset)

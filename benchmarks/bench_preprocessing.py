@@ -1,6 +1,6 @@
 """Preprocessing benchmark: time per step per patient (decode, localise, crop, register, pairs) and accuracy.
 
-Runs the steps of ``common.site_data._process_patient`` one by one on a synthetic federation
+Runs the steps of ``common.sitedata.load._process_patient`` one by one on a synthetic federation
 written by ``onfh synth`` and compares the femoral-head centres and the MR->CT registration with
 the truth files (``OUT/site-NN.truth.json``, outside the site folders).
 
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.dicom_io import load_volume, scan_site
-from common.femoral_head import LocalizationError, localize_femoral_heads
-from common.hip_crop import crop_hip_protocols
+from common.config import PreprocessSettings
 from common.problems import ProblemLog
-from common.registration import ct_pairs_for_hip, register_rigid
-from common.settings import PreprocessSettings
+from common.sitedata.dicom_io import load_volume, scan_site
+from common.sitedata.femoral_head import LocalizationError, localize_femoral_heads
+from common.sitedata.hip_crop import crop_hip_protocols
+from common.sitedata.registration import ct_pairs_for_hip, register_rigid
 
 STEPS = ("decode", "localise", "crop", "register", "pairs")
 NEAR_HEAD_MM = 30.0  # registration error is measured over points this close to each head
@@ -104,8 +104,8 @@ def _patient(scan, truth: dict, settings: PreprocessSettings) -> dict:
 def _load_site_cold(data: Path, workers: int) -> dict:
     """Cold ``load_site`` of every site in a fresh process per site (cache in a temp folder)."""
     code = (
-        "import sys,time;from pathlib import Path;from common.site_data import load_site;"
-        "from common.settings import PreprocessSettings;t=time.perf_counter();"
+        "import sys,time;from pathlib import Path;from common.sitedata.load import load_site;"
+        "from common.config import PreprocessSettings;t=time.perf_counter();"
         "load_site(Path(sys.argv[1]),Path(sys.argv[2]),PreprocessSettings(),split_seed=0,workers=int(sys.argv[3]));"
         "print(time.perf_counter()-t)"
     )

@@ -133,7 +133,7 @@ class TreeSampler(threading.Thread):
 def one_run(args) -> int:
     """``--one N``: the federation of the first N sites; writes its figures to ``--result``."""
     from benchmarks.bench_communication import run_fresh
-    from common.centralized import load_run_config
+    from common.training.centralized import load_run_config
 
     cfg = load_run_config(
         args.config,

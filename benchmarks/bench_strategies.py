@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.centralized import load_run_config
+from common.training.centralized import load_run_config
 from simulation.baselines import pooled_local_auroc, run_baselines
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onfh-strategy-runs"))
     args = parser.parse_args(argv)
 
-    from simulation.run import run_federated
+    from simulation.main_job import run_federated
 
     overrides = {
         "split_seed": args.split_seed,

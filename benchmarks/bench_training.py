@@ -11,7 +11,7 @@ What it measures:
   (all protocols available, augmentation on, ``num_workers=0``, batch 8) in hips per second,
   and ``train_translation`` in slice pairs per second; with ``data_wait_share``, the share of
   the loop spent blocked on the DataLoader (issue 3's target: < 10 %). Augmentation runs on
-  whole batches inside the step (``common.augmentation``); its share of a step is timed
+  whole batches inside the step (``common.training.augmentation``); its share of a step is timed
   apart (20 calls on one batch) and reported beside.
 - **Parameters** (trainable) of the translation U-Net and the staging net (attention fusion).
 - **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode``: one forward (eval) and one
@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.augmentation import BatchAugmentation
-from common.datasets import HipDataset, PairDataset
 from common.models.factory import ModelConfig, build_staging, build_translation, count_parameters
 from common.models.translation import TranslationLoss
-from common.training import TrainConfig, train_staging, train_translation
+from common.training.augmentation import BatchAugmentation
+from common.training.datasets import HipDataset, PairDataset
+from common.training.loops import TrainConfig, train_staging, train_translation
 
 DEFAULT_GRID = {"slices": 8, "size": 48}
 PAPER_GRID = {"slices": 16, "size": 128}

@@ -10,8 +10,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import tasks
-from common.run_config import RunConfig, SiteConfig
-from server.records import from_record, to_record
+from common.config import RunConfig, SiteConfig
+from common.records import from_record, to_record
 
 LOCAL_KEY = "fedbn-local-{phase}"
 

@@ -27,9 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.run_config import RunConfig
-from common.settings import PreprocessSettings
-from common.site_data import load_site
+from common.config import PreprocessSettings, RunConfig
+from common.sitedata.load import load_site
 from server.daemon import flower_executable, stop_process_tree
 from server.provision import split_address
 from server.runs import flwr_env

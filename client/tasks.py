@@ -12,14 +12,14 @@ import zlib
 
 import numpy as np
 
-from common.datasets import HipDataset, PairDataset
-from common.device import seed_everything
-from common.evaluation import site_evaluation
+from common.config import RunConfig, SiteConfig
 from common.models.factory import build_staging, build_translation
-from common.run_config import RunConfig, SiteConfig
-from common.site_data import SiteData, load_site
-from common.training import evaluate_translation, predict_staging, train_staging, train_translation
-from common.weights import get_local_state, get_shared_state, set_shared_state
+from common.sitedata.load import SiteData, load_site
+from common.training.datasets import HipDataset, PairDataset
+from common.training.device import seed_everything
+from common.training.evaluation import site_evaluation
+from common.training.loops import evaluate_translation, predict_staging, train_staging, train_translation
+from common.training.weights import get_local_state, get_shared_state, set_shared_state
 
 log = logging.getLogger("onfh.client")
 

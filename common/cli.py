@@ -8,9 +8,9 @@ import sys
 # verb -> (module with a ``main(argv) -> int``, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("simulation.synth", "write synthetic hospitals as DICOM + labels CSV"),
-    "check": ("common.sitecheck", "check a site's data folder and print a report"),
-    "simulate": ("simulation.run", "run the federation of synthetic hospitals (main job)"),
-    "train": ("common.centralized", "train centrally (pooled sites) or locally (one site)"),
+    "check": ("common.sitedata.check", "check a site's data folder and print a report"),
+    "simulate": ("simulation.main_job", "run the federation of synthetic hospitals (main job)"),
+    "train": ("common.training.centralized", "train centrally (pooled sites) or locally (one site)"),
     "predict": ("common.predict", "stage the hips of a study folder with a saved model"),
     "provision": ("server.provision", "create the CA, server certificate and one kit per site and admin"),
     "server": ("server.daemon", "run the central SuperLink (TLS, site authentication) from a server kit"),

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import RunConfig
 from common.models.factory import build_staging
 from common.models.staging import StagingNet
-from common.run_config import RunConfig
-from common.site_data import LABELS_FILE, SiteData, load_site
-from common.weights import set_shared_state
+from common.sitedata.load import LABELS_FILE, SiteData, load_site
+from common.training.weights import set_shared_state
 
 STAGE_NAMES = ("I", "II", "III", "IV")
 

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.settings import STAGES  # noqa: E402
+from common.config import STAGES  # noqa: E402
 from server.checkpoint import save_atomic  # noqa: E402
 
 log = logging.getLogger("onfh.server")

@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from common.run_config import RunConfig
+from common.config import RunConfig
 
 CONNECTION = "onfh"  # the connection's name in the generated Flower config
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

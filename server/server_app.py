@@ -12,11 +12,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.device import seed_everything
+from common.config import RunConfig
 from common.models.factory import build_staging, build_translation
 from common.models.transfer import load_pretrained_encoder
-from common.run_config import RunConfig
-from common.weights import get_shared_state, set_shared_state
+from common.records import from_record, to_record
+from common.training.device import seed_everything
+from common.training.weights import get_shared_state, set_shared_state
 from server.checkpoint import (
     Checkpoint,
     read_checkpoint,
@@ -25,7 +26,6 @@ from server.checkpoint import (
     strategy_optimiser_state,
     write_checkpoint,
 )
-from server.records import from_record, to_record
 from server.results import RunRecorder
 from server.strategy import PhaseState, build_strategy, summarise_evaluation
 

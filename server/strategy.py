@@ -43,9 +43,9 @@ from flwr.serverapp.strategy import (
     FedYogi,
 )
 
-from common.evaluation import pooled_staging_metrics
-from common.run_config import RunConfig
-from server.records import from_record, to_record
+from common.config import RunConfig
+from common.records import from_record, to_record
+from common.training.evaluation import pooled_staging_metrics
 from server.validation import update_problem
 
 log = logging.getLogger("onfh.server")

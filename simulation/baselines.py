@@ -14,16 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from common.run_config import RunConfig
+from common.config import RunConfig
 
 
 def _job(name: str, site_dirs: list[Path], cfg: RunConfig) -> tuple[str, dict, float]:
     import torch
 
-    from common.centralized import evaluate_sites, train_two_phase
-    from common.datasets import HipDataset
-    from common.site_data import load_site
-    from common.training import predict_staging
+    from common.sitedata.load import load_site
+    from common.training.centralized import evaluate_sites, train_two_phase
+    from common.training.datasets import HipDataset
+    from common.training.loops import predict_staging
 
     torch.set_num_threads(1)
     started = time.time()
@@ -66,7 +66,7 @@ def run_baselines(cfg: RunConfig, site_dirs: list[Path], workers: int = 2) -> tu
 
 def pooled_local_auroc(local: dict[str, dict]) -> float | None:
     """Pooled AUROC of the local-only models: each site's test hips scored by its own model."""
-    from common.metrics import macro_auroc
+    from common.training.metrics import macro_auroc
 
     probs = [np.asarray(v["probs"]) for v in local.values() if "probs" in v]
     labels = [np.asarray(v["labels"]) for v in local.values() if "labels" in v]

@@ -732,7 +732,7 @@ class Grid:
 
     Attributes:
         affine: ``(4, 4)`` mapping index ``(s, r, c, 1)`` to anatomy LPS mm (as
-            ``common.volume.Volume.affine``).
+            ``common.sitedata.volume.Volume.affine``).
         shape: ``(S, R, C)``.
         slice_thickness_mm: thickness each slice integrates over (partial volume).
     """

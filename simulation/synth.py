@@ -42,7 +42,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from common.volume import affine_from_dicom
+from common.sitedata.volume import affine_from_dicom
 from simulation import identifiers as ids
 from simulation import phantom
 
@@ -277,7 +277,7 @@ class SeriesGeometry:
 
     @property
     def affine(self) -> np.ndarray:
-        """``(s, r, c, 1)`` -> LPS mm, as ``common.volume.Volume.affine``."""
+        """``(s, r, c, 1)`` -> LPS mm, as ``common.sitedata.volume.Volume.affine``."""
         return affine_from_dicom(
             self.first_position,
             np.asarray(self.orientation),

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.centralized import load_run_config, save_model, train_two_phase
 from common.predict import load_model, main, predict_study
-from common.site_data import load_site
-from common.weights import get_shared_state
-from tests.common.test_centralized import shared_cache, write_test_preset
+from common.sitedata.load import load_site
+from common.training.centralized import load_run_config, save_model, train_two_phase
+from common.training.weights import get_shared_state
+from tests.common.training.test_centralized import shared_cache, write_test_preset
 
 HIP_LINE = re.compile(r"^hip (\S+): stage (I|II|III|IV)\s+\((.*)\)$")
 ATTENTION_LINE = re.compile(r"^\s+protocol attention: (.*)$")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from common.run_config import RunConfig
+from common.config import RunConfig
 from server import provision, runs
 
 PROJECT = Path(__file__).resolve().parents[2]

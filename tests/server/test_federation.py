@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.centralized import load_run_config
+from common.training.centralized import load_run_config
 
 PRESETS = Path(__file__).resolve().parents[2] / "presets"
 
@@ -27,7 +27,7 @@ def tiny_config(federation: Path, out: Path, **overrides):
 
 @pytest.fixture(scope="module")
 def federated_run(tiny_federation, tmp_path_factory):
-    from simulation.run import run_federated
+    from simulation.main_job import run_federated
 
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_config(tiny_federation, out, run_name="e2e")
@@ -121,8 +121,8 @@ def test_fedbn_run_keeps_norm_layers_at_the_sites(tiny_federation, tmp_path):
     """FedBN over two staging rounds: the sites' own norm layers come back from context.state
     in round 2 and in every evaluation, and never reach the server's model."""
     from common.models.factory import build_staging
-    from common.weights import local_norm_keys
-    from simulation.run import run_federated
+    from common.training.weights import local_norm_keys
+    from simulation.main_job import run_federated
 
     cfg = tiny_config(
         tiny_federation, tmp_path, run_name="fedbn", fedbn=True, pretrain_rounds=1, stage_rounds=2

@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from client.client_app import handle_evaluate, handle_query, handle_train
-from common.run_config import RunConfig, SiteConfig
+from common.config import RunConfig, SiteConfig
 from server.server_app import make_server_app
 from tests.server.test_federation import assert_auroc_defined_where_it_can_be, tiny_config
 

@@ -16,8 +16,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.run_config import RunConfig
-from server.records import to_record
+from common.config import RunConfig
+from common.records import to_record
 from server.results import RunRecorder
 from server.strategy import PhaseState, build_strategy, message_bytes, tensor_bytes
 

@@ -19,7 +19,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from common.volume import Volume, affine_from_dicom
+from common.sitedata.volume import Volume, affine_from_dicom
 from simulation import synth
 
 SITES, PATIENTS = 4, 2
@@ -254,7 +254,7 @@ def test_slice_encoder_matches_pydicom_save_as(tmp_path, syntax):
 
 
 def test_series_names_map_to_protocol_keys_with_default_rules():
-    protocols = pytest.importorskip("common.protocols")
+    protocols = pytest.importorskip("common.sitedata.protocols")
     rules = protocols.ProtocolRules.default()
     for names in synth.NAMING_SCHEMES:
         for key, description in names.items():

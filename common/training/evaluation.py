@@ -1,0 +1,65 @@
+"""Federated evaluation without per-patient scores leaving a site.
+
+A site turns its predictions into aggregate counts (per-class score histograms and a confusion
+matrix); the server sums the counts of all sites and computes pooled metrics from the sums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score
+
+from common.config import STAGES
+from common.training.metrics import auroc_from_histograms, score_histograms
+
+N_CLASSES = len(STAGES)
+
+
+def site_evaluation(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[str, float | list[float]]:
+    """Aggregate-only evaluation record of one site.
+
+    Args:
+        probs: ``(N, 4)`` stage probabilities of the site's held-out hips.
+        labels: ``(N,)`` class indices (stage - 1).
+        bins: histogram bins over [0, 1] (finer bins, AUROC closer to the exact value).
+    Returns:
+        ``num-examples``, ``score-histogram`` (flattened ``(4, 2, bins)`` counts),
+        ``confusion`` (flattened ``4 x 4`` counts, rows = true stage), and the site's own
+        ``macro-auroc`` and ``accuracy`` (NaN-free: -1 when undefined).
+    """
+    hist = score_histograms(probs, labels, bins=bins)
+    pred = probs.argmax(axis=1)
+    confusion = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    site_auroc = auroc_from_histograms(hist)["macro_auroc"]
+    return {
+        "num-examples": int(len(labels)),
+        "score-histogram": hist.astype(np.float64).ravel().tolist(),
+        "confusion": confusion.astype(np.float64).ravel().tolist(),
+        "macro-auroc": float(site_auroc) if np.isfinite(site_auroc) else -1.0,
+        "accuracy": float((pred == labels).mean()) if len(labels) else -1.0,
+    }
+
+
+def pooled_staging_metrics(histogram_sum: np.ndarray, confusion_sum: np.ndarray) -> dict[str, float]:
+    """Pooled metrics from the summed site records (flattened or shaped arrays)."""
+    hist = np.asarray(histogram_sum, dtype=np.float64).reshape(N_CLASSES, 2, -1)
+    confusion = np.asarray(confusion_sum, dtype=np.float64).reshape(N_CLASSES, N_CLASSES).round().astype(int)
+    aurocs = auroc_from_histograms(hist)
+    out: dict[str, float] = {"macro-auroc": float(aurocs["macro_auroc"])}
+    for i, stage in enumerate(STAGES):
+        value = aurocs["per_class_auroc"][i]
+        out[f"auroc-stage-{stage}"] = float(value) if value is not None and np.isfinite(value) else -1.0
+    n = int(confusion.sum())
+    out["n-hips"] = float(n)
+    if n:
+        # Expand the counts into (true, predicted) pairs so scikit-learn computes the metrics.
+        true_idx, pred_idx = np.nonzero(confusion)
+        counts = confusion[true_idx, pred_idx]
+        y_true, y_pred = np.repeat(true_idx, counts), np.repeat(pred_idx, counts)
+        out["accuracy"] = float((y_true == y_pred).mean())
+        out["balanced-accuracy"] = float(balanced_accuracy_score(y_true, y_pred))
+        kappa = cohen_kappa_score(y_true, y_pred, weights="quadratic", labels=list(range(N_CLASSES)))
+        out["qw-kappa"] = float(kappa) if np.isfinite(kappa) else 0.0
+    out["confusion"] = confusion.ravel().tolist()  # type: ignore[assignment]
+    return out
