@@ -1,7 +1,7 @@
 """Ablation of the paper's two ingredients (pretraining, attention fusion), centralized and federated.
 
 Four models per seed and mode, with the compute budget of the run config (default
-``presets/default.toml``: pretraining 2 rounds x 1 epoch, staging 8 rounds x 2 epochs):
+``presets/default.toml``: pretraining 2 rounds x 1 epoch, staging 8 rounds x 4 epochs):
 
 - centralized: ``train_two_phase`` on the pooled training hips of every site (epochs = rounds
   x epochs);
@@ -31,19 +31,28 @@ Prints one line per model, the table, the headline last, and writes JSON (defaul
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.harness import (
+    DEFAULT_CACHE,
+    DEFAULT_DATA,
+    PRESETS,
+    QUICK_BUDGET,
+    RunLog,
+    command,
+    machine,
+    previous_runs,
+    site_dirs,
+)
+from common.config import load_run_config
 from common.sitedata.load import load_site
-from common.training.centralized import evaluate_sites, load_run_config, pretrain_translation, train_two_phase
+from common.training.centralized import evaluate_sites, pretrain_translation, train_two_phase
 
 # (name, fusion, pretrained); the paper's gain is the full model's AUROC minus this row's, in points.
 CONFIGS: tuple[tuple[str, str, bool], ...] = (
@@ -156,11 +165,65 @@ def _federated_row(test: dict, seconds: float) -> dict:
     }
 
 
+def _line(run: dict) -> str:
+    return (
+        f"{run['mode']:<9} seed {run['seed']} {run['model']:<19} AUROC {run['test_macro_auroc']:.3f} "
+        f"({run['test_hips']} hips)"
+    )
+
+
+def central_seed(sites: list, cfg_seed, log: RunLog) -> None:
+    """The four models of one seed, centralized; phase 1 once, shared by the pretrained two."""
+    seed = cfg_seed.seed
+    t0 = time.time()
+    translation_state, pretrain_info = pretrain_translation(sites, cfg_seed.replace(pretrained=True))
+    pretrain_seconds = time.time() - t0
+    print(f"central seed {seed}: phase 1 in {pretrain_seconds:.0f} s", flush=True)
+    for name, fusion, pretrained in CONFIGS:
+        if log.done(mode="central", seed=seed, model=name):
+            continue
+        cfg = cfg_seed.replace(fusion=fusion, pretrained=pretrained)
+        row = _central_run(sites, cfg, translation_state, pretrain_info, pretrain_seconds)
+        run = {
+            "mode": "central",
+            "seed": seed,
+            "model": name,
+            "fusion": fusion,
+            "pretrained": pretrained,
+            **row,
+        }
+        log.record(run, _line(run))
+
+
+def federated_seed(cfg_seed, args, n_sites: int, log: RunLog) -> None:
+    """The four models of one seed, each a federated run (its own phase 1)."""
+    seed = cfg_seed.seed
+    for name, fusion, pretrained in CONFIGS:
+        if log.done(mode="federated", seed=seed, model=name):
+            continue
+        cfg = cfg_seed.replace(fusion=fusion, pretrained=pretrained)
+        test, seconds = federated_run(cfg, args.data, args.cache, n_sites, args.workdir)
+        run = {"mode": "federated", "seed": seed, "model": name, "fusion": fusion, "pretrained": pretrained}
+        run.update(_federated_row(test, seconds))
+        log.record(run, _line(run))
+
+
+def headline(summary: dict, seeds: list[int], seconds: float, out: Path) -> str:
+    parts = []
+    for mode, rows in summary.items():
+        if "full model" in rows and "plain VGG" in rows:
+            full, plain = rows["full model"]["mean"], rows["plain VGG"]["mean"]
+            parts.append(
+                f"{mode} full model {full:.3f} vs plain VGG {plain:.3f} ({100 * (full - plain):+.1f} points)"
+            )
+    return f"headline: {'; '.join(parts)} test macro AUROC (paper +6.8) over seeds {seeds}, {seconds:.0f} s -> {out}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/tmp/fed_default"), help="federation folder")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/cache_default"), help="cache root (site-NN)")
-    parser.add_argument("--config", type=Path, default=Path("presets/default.toml"))
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="federation folder")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache root (site-NN)")
+    parser.add_argument("--config", type=Path, default=PRESETS / "default.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--split-seed", type=int, default=0, help="patient split (fixed across seeds)")
@@ -170,21 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, default=Path("/tmp/onfh-ablation-runs"), help="federated runs' outputs"
     )
     args = parser.parse_args(argv)
-
-    overrides = {"split_seed": args.split_seed}
-    if args.quick:
-        overrides.update(
-            pretrain_rounds=1, pretrain_epochs=1, pretrain_max_pairs=200, stage_rounds=1, stage_epochs=1
-        )
-    base = load_run_config(args.config, **overrides)
-    site_dirs = sorted(d for d in args.data.glob("site-*") if d.is_dir())
-    if not site_dirs:
+    base = load_run_config(args.config, split_seed=args.split_seed, **(QUICK_BUDGET if args.quick else {}))
+    dirs = site_dirs(args.data)
+    if not dirs:
         print(f"no site-NN folders in {args.data}: pass --data with a federation from 'onfh synth'")
         return 2
     started = time.time()
     sites = [
         load_site(d, args.cache / d.name, base.preprocess, split_seed=args.split_seed, name=d.name)
-        for d in site_dirs
+        for d in dirs
     ]
     counts = {s.name: {sp: len(s.staging_set(sp)[2]) for sp in ("train", "val", "test")} for s in sites}
     print(f"{len(sites)} sites loaded in {time.time() - started:.0f} s; labelled hips: {counts}")
@@ -196,16 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         "model_preset": base.model_preset,
         "strategy": base.strategy,
     }
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    same_setup = previous.get("budget") == budget and previous.get("labelled_hips") == counts
-    runs = previous.get("runs", []) if same_setup else []
+    kept = previous_runs(args.out, "budget", budget)
+    runs = kept if kept and previous_runs(args.out, "labelled_hips", counts) else []
     if runs:
         print(f"{len(runs)} runs kept from {args.out} (same data, split and budget)")
+    info = machine()
     results: dict = {
-        "command": "python -m benchmarks.bench_ablation "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "date": date.today().isoformat(),
+        "command": command("bench_ablation", argv),
+        "machine": info["machine"],
+        "date": info["date"],
         "torch": torch.__version__,
         "data": str(args.data),
         "labelled_hips": counts,
@@ -213,75 +269,18 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "summary": summarise(runs),
     }
-
-    def done(mode: str, seed: int, name: str) -> bool:
-        return any(
-            r.get("mode", "central") == mode and r["seed"] == seed and r["model"] == name for r in runs
-        )
-
-    def record(run: dict) -> None:
-        runs.append(run)
-        results["summary"] = summarise(runs)
-        results["seconds"] = time.time() - started
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        print(
-            f"{run['mode']:<9} seed {run['seed']} {run['model']:<19} AUROC {run['test_macro_auroc']:.3f} "
-            f"({run['test_hips']} hips)",
-            flush=True,
-        )
-
+    log = RunLog(args.out, results, lambda r: r.update(summary=summarise(r["runs"])), {"mode": "central"})
     for seed in args.seeds:
         cfg_seed = base.replace(seed=seed)
-        if "central" in args.modes and not all(done("central", seed, n) for n, _, _ in CONFIGS):
-            t0 = time.time()
-            translation_state, pretrain_info = pretrain_translation(sites, cfg_seed.replace(pretrained=True))
-            pretrain_seconds = time.time() - t0
-            print(f"central seed {seed}: phase 1 in {pretrain_seconds:.0f} s", flush=True)
-            for name, fusion, pretrained in CONFIGS:
-                if done("central", seed, name):
-                    continue
-                cfg = cfg_seed.replace(fusion=fusion, pretrained=pretrained)
-                row = _central_run(sites, cfg, translation_state, pretrain_info, pretrain_seconds)
-                record(
-                    {
-                        "mode": "central",
-                        "seed": seed,
-                        "model": name,
-                        "fusion": fusion,
-                        "pretrained": pretrained,
-                        **row,
-                    }
-                )
+        if "central" in args.modes and not all(
+            log.done(mode="central", seed=seed, model=n) for n, _, _ in CONFIGS
+        ):
+            central_seed(sites, cfg_seed, log)
         if "federated" in args.modes:
-            for name, fusion, pretrained in CONFIGS:
-                if done("federated", seed, name):
-                    continue
-                cfg = cfg_seed.replace(fusion=fusion, pretrained=pretrained)
-                test, seconds = federated_run(cfg, args.data, args.cache, len(site_dirs), args.workdir)
-                record(
-                    {
-                        "mode": "federated",
-                        "seed": seed,
-                        "model": name,
-                        "fusion": fusion,
-                        "pretrained": pretrained,
-                        **_federated_row(test, seconds),
-                    }
-                )
+            federated_seed(cfg_seed, args, len(dirs), log)
     print()
     print(table(results))
-    parts = []
-    for mode, rows in results["summary"].items():
-        if "full model" in rows and "plain VGG" in rows:
-            full, plain = rows["full model"]["mean"], rows["plain VGG"]["mean"]
-            parts.append(
-                f"{mode} full model {full:.3f} vs plain VGG {plain:.3f} ({100 * (full - plain):+.1f} points)"
-            )
-    print(
-        f"\nheadline: {'; '.join(parts)} test macro AUROC (paper +6.8) over seeds {args.seeds}, "
-        f"{time.time() - started:.0f} s -> {args.out}"
-    )
+    print(f"\n{headline(results['summary'], args.seeds, time.time() - started, args.out)}")
     return 0
 
 

@@ -33,105 +33,28 @@ Prints the tables and the headline last, and writes JSON (default
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import platform
-import shutil
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+from benchmarks.harness import (
+    add_federation_args,
+    auroc,
+    choose_federation,
+    command,
+    machine,
+    markdown,
+    prepare_federation,
+    quiet_progress,
+    run_fresh,
+    write_json,
+)
 
 MB = 1e6
 STEPS = ("train-sent", "train-received", "evaluate-sent", "evaluate-received")
 
 
-# -- shared with bench_overhead and bench_scale ------------------------------------------------
-def quiet_progress() -> None:
-    """Our own progress lines on stderr, Flower's own logger as it is (as ``onfh simulate`` does)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    onfh_log = logging.getLogger("onfh")
-    if not onfh_log.handlers:
-        onfh_log.addHandler(handler)
-    onfh_log.setLevel(logging.INFO)
-    onfh_log.propagate = False
-
-
-def prepare_federation(
-    data: Path,
-    cache: Path,
-    work: Path,
-    sites: int,
-    patients: int,
-    size: str,
-    seed: int,
-    preset: Path,
-    **overrides,
-):
-    """Write (or reuse) the synthetic hospitals, fill every site's cache, return (config, site dirs).
-
-    ``generate_federation`` reuses a folder that holds the same federation and regenerates one
-    written by it with other parameters; preprocessing reuses a filled cache.
-    """
-    from common.training.centralized import load_run_config
-    from simulation.main_job import preprocess_sites
-    from simulation.synth import generate_federation
-
-    cfg = load_run_config(
-        preset,
-        seed=seed,
-        data_root=str(data.resolve()),
-        cache_dir=str(cache.resolve()),
-        output_dir=str(work.resolve()),
-        resume=False,
-        **overrides,
-    )
-    t0 = time.time()
-    generate_federation(data, sites=sites, patients=patients, seed=seed, size=size)
-    site_dirs = sorted(p for p in data.iterdir() if p.is_dir() and p.name.startswith("site-"))[:sites]
-    print(f"federation {data}: {len(site_dirs)} sites ready in {time.time() - t0:.0f} s", flush=True)
-    t0 = time.time()
-    preprocess_sites(cfg, site_dirs)
-    print(f"site caches {cache}: ready in {time.time() - t0:.0f} s", flush=True)
-    return cfg, site_dirs
-
-
-def run_fresh(cfg, n_sites: int) -> tuple[dict, float]:
-    """One federated run from scratch (its run folder emptied first); returns (results.json, seconds)."""
-    from simulation.main_job import run_federated
-
-    if cfg.run_dir.exists():
-        shutil.rmtree(cfg.run_dir)  # the recorder appends to metrics.jsonl: start clean
-    t0 = time.time()
-    results = run_federated(cfg, n_sites)
-    return results, time.time() - t0
-
-
-def markdown(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def machine() -> dict:
-    return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "date": date.today().isoformat(),
-        "load_average_start": os.getloadavg(),
-    }
-
-
-def auroc(value) -> float | None:
-    """A pooled AUROC, or None where it is undefined (NaN: a test set with a single stage)."""
-    return float(value) if isinstance(value, (int, float)) and value == value and value >= 0 else None
-
-
-# -- this benchmark --------------------------------------------------------------------------------
 def fp32_model_bytes(cfg) -> dict[str, int]:
     """Bytes of the exchanged state of each network with every tensor in float32."""
     from common.models.factory import build_staging, build_translation
@@ -233,57 +156,9 @@ def bytes_table(runs: dict, model_bytes: dict[str, int]) -> tuple[list[str], lis
     return header, rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke: 2 sites x 6 patients, tiny, presets/tiny.toml"
-    )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/communication.json"))
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="federation folder (default /tmp/fed_default; quick: /tmp/onfh-bench/fed-tiny)",
-    )
-    parser.add_argument("--cache", type=Path, default=None, help="cache root (default /tmp/cache_default)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/onfh-bench/runs"), help="run outputs")
-    parser.add_argument("--config", type=Path, default=None, help="preset (default presets/default.toml)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    quiet_progress()
-    started = time.time()
-    if args.quick:
-        sites, patients, size, preset = 2, 6, "tiny", args.config or ROOT / "presets" / "tiny.toml"
-        data = args.data or Path("/tmp/onfh-bench/fed-tiny")
-        cache = args.cache or Path("/tmp/onfh-bench/cache-tiny")
-    else:
-        sites, patients, size, preset = 4, 30, "default", args.config or ROOT / "presets" / "default.toml"
-        data = args.data or Path("/tmp/fed_default")
-        cache = args.cache or Path("/tmp/cache_default")
-    cfg, site_dirs = prepare_federation(data, cache, args.work, sites, patients, size, args.seed, preset)
-    model_bytes = fp32_model_bytes(cfg)
-    results: dict = {
-        "command": "python -m benchmarks.bench_communication "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        **machine(),
-        "federation": {
-            "data": str(data),
-            "sites": len(site_dirs),
-            "patients": patients,
-            "size": size,
-            "seed": args.seed,
-        },
-        "preset": str(preset),
-        "config": {
-            k: cfg.to_dict()[k]
-            for k in ("strategy", "model-preset", "pretrain-rounds", "stage-rounds", "hip-slices", "hip-size")
-        },
-        "fp32-model-bytes": model_bytes,
-        "method": "tensor bytes = sum of array nbytes in each message's ArrayRecord as sent (replies before the "
-        "server's float32 cast); record bytes = Flower count_bytes() of all records of the message; counted by "
-        "server/strategy.py per round and site",
-        "runs": {},
-    }
+def run_both(cfg, site_dirs: list[Path], results: dict, out: Path) -> None:
+    """The federation once with float32 and once with float16 updates, into ``results["runs"]``."""
+    model_bytes = results["fp32-model-bytes"]
     for dtype in ("float32", "float16"):
         run_cfg = cfg.replace(update_dtype=dtype, run_name=f"communication-{dtype}")
         print(f"federated run with update-dtype {dtype} -> {run_cfg.run_dir}", flush=True)
@@ -299,9 +174,16 @@ def main(argv: list[str] | None = None) -> int:
             "bytes": summarise_run(fed, model_bytes),
             "total-tensor-bytes-per-site": total_per_site(fed),
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        write_json(out, results)
 
+
+def _fmt(v: float | None) -> str:
+    return "undefined (single-stage test set)" if v is None else f"{v:.3f}"
+
+
+def report(results: dict, out: Path) -> None:
+    """Print the tables and the headline; add the tables and the AUROC cost to ``results``."""
+    model_bytes = results["fp32-model-bytes"]
     header, rows = bytes_table(results["runs"], model_bytes)
     f32, f16 = results["runs"]["float32"], results["runs"]["float16"]
     a32, a16 = f32["test-macro-auroc"], f16["test-macro-auroc"]
@@ -312,12 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         "float16-minus-float32": cost,
         "test-hips": f32["test-hips"],
     }
-    results["load_average_end"] = os.getloadavg()
-    results["seconds"] = time.time() - started
-
-    def fmt(v: float | None) -> str:
-        return "undefined (single-stage test set)" if v is None else f"{v:.3f}"
-
     print(
         "\nFP32 size of the exchanged state: "
         + ", ".join(f"{p} {b / MB:.3f} MB" for p, b in model_bytes.items())
@@ -331,27 +207,64 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{site} {n / MB:.1f} MB" for site, n in totals.items())
         )
     auroc_rows = [
-        ["float32", fmt(a32), f32["test-hips"], f"{f32['seconds']:.0f}"],
-        ["float16", fmt(a16), f16["test-hips"], f"{f16['seconds']:.0f}"],
+        ["float32", _fmt(a32), f32["test-hips"], f"{f32['seconds']:.0f}"],
+        ["float16", _fmt(a16), f16["test-hips"], f"{f16['seconds']:.0f}"],
         ["float16 - float32", "-" if cost is None else f"{cost:+.3f}", "", ""],
     ]
     print("\nPooled test macro AUROC:\n")
     print(markdown(["update dtype", "pooled test macro AUROC", "test hips", "run s"], auroc_rows))
     results["tables"] = {"bytes": {"header": header, "rows": rows}, "auroc": auroc_rows}
-    args.out.write_text(json.dumps(results, indent=2))
+    write_json(out, results)
 
     def up(run: dict, phase: str) -> float:
-        rows_ = run["bytes"].get(phase, {}).values()
-        return _mean([r["train-received"] for r in rows_])
+        return _mean([r["train-received"] for r in run["bytes"].get(phase, {}).values()])
 
     print(
         f"\nheadline: float16 updates cut what a site sends per staging round from {up(f32, 'stage') / MB:.2f} MB "
         f"to {up(f16, 'stage') / MB:.2f} MB ({up(f16, 'stage') / model_bytes['stage']:.2f} x the fp32 model; "
         f"pretraining {up(f32, 'pretrain') / MB:.2f} -> {up(f16, 'pretrain') / MB:.2f} MB), what it receives "
-        f"stays fp32; pooled test macro AUROC {fmt(a32)} (float32) vs {fmt(a16)} (float16)"
+        f"stays fp32; pooled test macro AUROC {_fmt(a32)} (float32) vs {_fmt(a16)} (float16)"
         + ("" if cost is None else f", difference {cost:+.3f}")
-        + f" ({f32['test-hips']} test hips) -> {args.out}"
+        + f" ({f32['test-hips']} test hips) -> {out}"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke: 2 sites x 6 patients, tiny, presets/tiny.toml"
+    )
+    add_federation_args(parser, "communication.json")
+    args = parser.parse_args(argv)
+    quiet_progress()
+    started = time.time()
+    fed = choose_federation(args.quick, args.data, args.cache, args.config)
+    cfg, site_dirs = prepare_federation(fed, args.work, args.seed)
+    results: dict = {
+        "command": command("bench_communication", argv),
+        **machine(),
+        "federation": {
+            "data": str(fed.data),
+            "sites": len(site_dirs),
+            "patients": fed.patients,
+            "size": fed.size,
+            "seed": args.seed,
+        },
+        "preset": str(fed.preset),
+        "config": {
+            k: cfg.to_dict()[k]
+            for k in ("strategy", "model-preset", "pretrain-rounds", "stage-rounds", "hip-slices", "hip-size")
+        },
+        "fp32-model-bytes": fp32_model_bytes(cfg),
+        "method": "tensor bytes = sum of array nbytes in each message's ArrayRecord as sent (replies before the "
+        "server's float32 cast); record bytes = Flower count_bytes() of all records of the message; counted by "
+        "server/strategy.py per round and site",
+        "runs": {},
+    }
+    run_both(cfg, site_dirs, results, args.out)
+    results["load_average_end"] = os.getloadavg()
+    results["seconds"] = time.time() - started
+    report(results, args.out)
     return 0
 
 

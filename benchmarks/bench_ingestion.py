@@ -12,7 +12,6 @@ Prints one line per figure, the headline last, and writes the figures as JSON
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import pydicom
 
+from benchmarks.harness import command, site_dirs, write_json
 from common.problems import ProblemLog
-from common.sitedata.dicom_io import load_volume, scan_site
+from common.sitedata.dicom import load_volume, scan_site
 from common.sitedata.load import load_site
 
 CACHED_TARGET = 20.0  # cached load_site should be at least this many times faster than cold
@@ -108,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
 
     data = args.data
     if data is None:
-        from simulation.synth import generate_federation
+        from simulation.synth.federation import generate_federation
 
         data = Path(tempfile.gettempdir()) / f"bench-ingestion-{args.size}-{args.patients}-{args.seed}"
         started = time.perf_counter()
         generate_federation(data, sites=1, patients=args.patients, seed=args.seed, size=args.size)
         print(f"synthetic site: {time.perf_counter() - started:.1f} s -> {data}")
-    site_dir = sorted(p for p in Path(data).iterdir() if p.is_dir() and p.name.startswith("site-"))[0]
+    site_dir = site_dirs(Path(data))[0]
 
     ingestion = _ingestion(site_dir)
     print(
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{loads['cold_seconds_per_hip']:.2f} s per hip"
     )
     results = {
-        "command": "python -m benchmarks.bench_ingestion "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command("bench_ingestion", argv),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "site": site_dir.name,
@@ -140,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "cached_target": CACHED_TARGET,
         "cached_target_met": loads["cached_speedup"] >= CACHED_TARGET,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     print(f"results -> {args.out}")
     print(
         f"headline: cached load_site {loads['cached_speedup']:.0f}x faster than cold "

@@ -1,6 +1,6 @@
 """Preprocessing benchmark: time per step per patient (decode, localise, crop, register, pairs) and accuracy.
 
-Runs the steps of ``common.sitedata.load._process_patient`` one by one on a synthetic federation
+Runs the steps of ``common.sitedata.patient.process_patient`` one by one on a synthetic federation
 written by ``onfh synth`` and compares the femoral-head centres and the MR->CT registration with
 the truth files (``OUT/site-NN.truth.json``, outside the site folders).
 
@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.harness import site_dirs, write_json
 from common.config import PreprocessSettings
 from common.problems import ProblemLog
-from common.sitedata.dicom_io import load_volume, scan_site
+from common.sitedata.dicom import load_volume, scan_site
 from common.sitedata.femoral_head import LocalizationError, localize_femoral_heads
 from common.sitedata.hip_crop import crop_hip_protocols
 from common.sitedata.registration import ct_pairs_for_hip, register_rigid
@@ -111,7 +112,7 @@ def _load_site_cold(data: Path, workers: int) -> dict:
     )
     seconds = {}
     with tempfile.TemporaryDirectory(prefix="prep_bench_cache_") as cache:
-        for site in sorted(p for p in data.iterdir() if p.is_dir() and p.name.startswith("site-")):
+        for site in site_dirs(data):
             out = subprocess.run(
                 [sys.executable, "-c", code, str(site), str(Path(cache) / site.name), str(workers)],
                 capture_output=True,
@@ -121,6 +122,74 @@ def _load_site_cold(data: Path, workers: int) -> dict:
             seconds[site.name] = float(out.stdout.strip().splitlines()[-1])
             print(f"load_site {site.name} cold, workers={workers}: {seconds[site.name]:.1f} s", flush=True)
     return {"workers": workers, "seconds": seconds, "total_s": sum(seconds.values())}
+
+
+def _synthesise(temp: Path) -> Path:
+    """A small federation (1 site x 6 patients) in ``temp``, written by ``onfh synth``."""
+    data = temp / "fed"
+    synth = ["synth", "--sites", "1", "--patients", "6", "--seed", "0", str(data)]
+    subprocess.run([sys.executable, "-m", "common.cli", *synth], check=True)
+    return data
+
+
+def measure_patients(data: Path, quick: bool, limit: int) -> list[dict]:
+    """Every (or the first ``limit``, or with ``quick`` 2 with CT) patient of each site, timed."""
+    settings = PreprocessSettings()
+    rows = []
+    for site in site_dirs(data):
+        truth = {t["patient_id"]: t for t in json.loads((data / f"{site.name}.truth.json").read_text())}
+        scan = scan_site(site)
+        patients = [p for p in scan.patients.values() if p.patient_id in truth]
+        if quick:
+            patients = [p for p in patients if p.has_ct][:2]
+        elif limit:
+            patients = patients[:limit]
+        for patient in patients:
+            row = _patient(patient, truth[patient.patient_id], settings)
+            row["site"] = site.name
+            rows.append(row)
+            times = " ".join(f"{k} {v:5.2f}" for k, v in row["times_s"].items())
+            heads = " ".join(f"{s} {e:.2f}" for s, e in row["head_error_mm"].items())
+            reg = row.get("registration_error_mm")
+            print(
+                f"{site.name} {row['patient']}: {times} s | head error mm {heads}"
+                + (f" | registration error {reg:.2f} mm" if reg is not None else ""),
+                flush=True,
+            )
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and median step times and the localisation / registration errors; printed too."""
+    head_errors = [e for r in rows for e in r["head_error_mm"].values()]
+    reg_errors = [r["registration_error_mm"] for r in rows if "registration_error_mm" in r]
+    summary = {
+        "patients": len(rows),
+        "patients_with_ct": len(reg_errors),
+        "median_step_s": {k: float(np.median([r["times_s"][k] for r in rows])) for k in STEPS},
+        "mean_step_s": {k: float(np.mean([r["times_s"][k] for r in rows])) for k in STEPS},
+        "mean_step_s_with_ct": {
+            k: float(np.mean([r["times_s"][k] for r in rows if r["has_ct"]] or [0.0])) for k in STEPS
+        },
+        "head_error_mm": {
+            "median": float(np.median(head_errors)),
+            "worst": float(np.max(head_errors)),
+            "n": len(head_errors),
+        },
+        "registration_error_mm": {
+            "median": float(np.median(reg_errors)) if reg_errors else None,
+            "worst": float(np.max(reg_errors)) if reg_errors else None,
+            "n": len(reg_errors),
+        },
+    }
+    print("mean s per patient: " + " ".join(f"{k} {v:.2f}" for k, v in summary["mean_step_s"].items()))
+    print(
+        f"head centre error: median {summary['head_error_mm']['median']:.2f} mm, "
+        f"worst {summary['head_error_mm']['worst']:.2f} mm ({len(head_errors)} heads); "
+        f"registration error: median {summary['registration_error_mm']['median'] or 0:.2f} mm, "
+        f"worst {summary['registration_error_mm']['worst'] or 0:.2f} mm ({len(reg_errors)} patients)"
+    )
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,78 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/preprocessing.json"))
     args = parser.parse_args(argv)
-    temp = None
-    data = args.data
-    if data is None:
-        temp = Path(tempfile.mkdtemp(prefix="prep_bench_fed_"))
-        data = temp / "fed"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "common.cli",
-                "synth",
-                "--sites",
-                "1",
-                "--patients",
-                "6",
-                "--seed",
-                "0",
-                str(data),
-            ],
-            check=True,
-        )
-    settings = PreprocessSettings()
-    rows = []
+    temp = None if args.data is not None else Path(tempfile.mkdtemp(prefix="prep_bench_fed_"))
     try:
-        for site in sorted(p for p in data.iterdir() if p.is_dir() and p.name.startswith("site-")):
-            truth = {t["patient_id"]: t for t in json.loads((data / f"{site.name}.truth.json").read_text())}
-            scan = scan_site(site)
-            patients = [p for p in scan.patients.values() if p.patient_id in truth]
-            if args.quick:
-                patients = [p for p in patients if p.has_ct][:2]
-            elif args.patients:
-                patients = patients[: args.patients]
-            for patient in patients:
-                row = _patient(patient, truth[patient.patient_id], settings)
-                row["site"] = site.name
-                rows.append(row)
-                times = " ".join(f"{k} {v:5.2f}" for k, v in row["times_s"].items())
-                heads = " ".join(f"{s} {e:.2f}" for s, e in row["head_error_mm"].items())
-                reg = row.get("registration_error_mm")
-                print(
-                    f"{site.name} {row['patient']}: {times} s | head error mm {heads}"
-                    + (f" | registration error {reg:.2f} mm" if reg is not None else ""),
-                    flush=True,
-                )
-        head_errors = [e for r in rows for e in r["head_error_mm"].values()]
-        reg_errors = [r["registration_error_mm"] for r in rows if "registration_error_mm" in r]
-        summary = {
-            "patients": len(rows),
-            "patients_with_ct": len(reg_errors),
-            "median_step_s": {k: float(np.median([r["times_s"][k] for r in rows])) for k in STEPS},
-            "mean_step_s": {k: float(np.mean([r["times_s"][k] for r in rows])) for k in STEPS},
-            "mean_step_s_with_ct": {
-                k: float(np.mean([r["times_s"][k] for r in rows if r["has_ct"]] or [0.0])) for k in STEPS
-            },
-            "head_error_mm": {
-                "median": float(np.median(head_errors)),
-                "worst": float(np.max(head_errors)),
-                "n": len(head_errors),
-            },
-            "registration_error_mm": {
-                "median": float(np.median(reg_errors)) if reg_errors else None,
-                "worst": float(np.max(reg_errors)) if reg_errors else None,
-                "n": len(reg_errors),
-            },
-        }
-        print("mean s per patient: " + " ".join(f"{k} {v:.2f}" for k, v in summary["mean_step_s"].items()))
-        print(
-            f"head centre error: median {summary['head_error_mm']['median']:.2f} mm, "
-            f"worst {summary['head_error_mm']['worst']:.2f} mm ({len(head_errors)} heads); "
-            f"registration error: median {summary['registration_error_mm']['median'] or 0:.2f} mm, "
-            f"worst {summary['registration_error_mm']['worst'] or 0:.2f} mm ({len(reg_errors)} patients)"
-        )
+        data = args.data if temp is None else _synthesise(temp)
+        rows = measure_patients(data, args.quick, args.patients)
+        summary = summarise(rows)
         if args.load_site:
             summary["load_site_cold"] = _load_site_cold(data, args.load_site)
             print(f"load_site cold total: {summary['load_site_cold']['total_s']:.1f} s")
@@ -219,8 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "patients": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2))
+    write_json(args.out, figures)
     return figures
 
 

@@ -38,7 +38,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.bench_communication import ROOT, machine, markdown, prepare_federation, quiet_progress
+from benchmarks.harness import (
+    PRESETS,
+    ROOT,
+    Federation,
+    command,
+    machine,
+    markdown,
+    prepare_federation,
+    quiet_progress,
+    run_fresh,
+    write_json,
+)
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -132,8 +143,7 @@ class TreeSampler(threading.Thread):
 # -- one federated run (child process) --------------------------------------------------------------
 def one_run(args) -> int:
     """``--one N``: the federation of the first N sites; writes its figures to ``--result``."""
-    from benchmarks.bench_communication import run_fresh
-    from common.training.centralized import load_run_config
+    from common.config import load_run_config
 
     cfg = load_run_config(
         args.config,
@@ -228,6 +238,100 @@ def _round_seconds(run: dict, phase: str) -> float | None:
     )
 
 
+RUNS_HEADER = [
+    "sites",
+    "pretrain round s (1st round: actors warm up)",
+    "stage round s",
+    "stage round s per site",
+    "federated run s",
+    "peak memory MB (PSS, tree)",
+    "peak RSS sum MB",
+    "processes (max)",
+]
+GROWTH_HEADER = ["sites", "pretrain round", "stage round", "federated run", "peak memory (PSS)"]
+FIGURES = ("pretrain-round", "stage-round", "federated-run", "peak-pss")
+
+
+def _figures(run: dict) -> dict[str, float | None]:
+    return {
+        "pretrain-round": _round_seconds(run, "pretrain"),
+        "stage-round": _round_seconds(run, "stage"),
+        "federated-run": run["federated-seconds"],
+        "peak-pss": run["peak-pss-mb"],
+    }
+
+
+def _per_doubling(a: dict, b: dict) -> dict[str, float | None]:
+    """Growth of each figure from run ``a`` to run ``b``, per doubling of the sites (x2.00 = linear)."""
+    doublings = math.log2(b["sites"] / a["sites"]) if b["sites"] > a["sites"] else None
+    fa, fb = _figures(a), _figures(b)
+    return {
+        k: None if doublings is None or not fa[k] or fb[k] is None else (fb[k] / fa[k]) ** (1 / doublings)
+        for k in FIGURES
+    }
+
+
+def _row(run: dict) -> list:
+    pre, stage = _round_seconds(run, "pretrain"), _round_seconds(run, "stage")
+    return [
+        run["sites"],
+        "-" if pre is None else f"{pre:.1f}",
+        "-" if stage is None else f"{stage:.1f}",
+        "-" if stage is None else f"{stage / run['sites']:.2f}",
+        f"{run['federated-seconds']:.1f}",
+        f"{run['peak-pss-mb']:,.0f}",
+        f"{run['peak-rss-sum-mb']:,.0f}",
+        run["max-processes"],
+    ]
+
+
+def summarise(results: dict) -> None:
+    """Add the growth figures and the tables to ``results``."""
+    runs = results["runs"]
+    growth, growth_rows = [], []
+    for a, b in zip(runs, runs[1:], strict=False):
+        fa, fb = _figures(a), _figures(b)
+        g = {"from": a["sites"], "to": b["sites"]}
+        g.update({k: None if not fa[k] or fb[k] is None else fb[k] / fa[k] for k in FIGURES})
+        g["per-doubling"] = _per_doubling(a, b)
+        growth.append(g)
+        growth_rows.append(
+            [f"{a['sites']} -> {b['sites']}"]
+            + ["-" if v is None else f"x{v:.2f}" for v in g["per-doubling"].values()]
+        )
+    results["growth"] = growth
+    results["growth-overall-per-doubling"] = _per_doubling(runs[0], runs[-1])
+    results["tables"] = {
+        "runs": {"header": RUNS_HEADER, "rows": [_row(r) for r in runs]},
+        "growth": {"header": GROWTH_HEADER, "rows": growth_rows},
+    }
+
+
+def report(results: dict, patients: int, out: Path) -> None:
+    tables, first, last = results["tables"], results["runs"][0], results["runs"][-1]
+    print(f"\nScale on {os.cpu_count()} CPUs ({patients} patients per site, tiny, 1 round per phase):\n")
+    print(markdown(tables["runs"]["header"], tables["runs"]["rows"]))
+    print("\nGrowth per doubling of the sites (x2.00 = linear):\n")
+    print(markdown(tables["growth"]["header"], tables["growth"]["rows"]))
+    peak = last["at-peak"].get("by-command", {})
+    print(
+        f"\nAt the memory peak with {last['sites']} sites, PSS by command: "
+        + ", ".join(f"{name} {v['pss-mb']:,.0f} MB ({v['processes']} processes)" for name, v in peak.items())
+    )
+    o = results["growth-overall-per-doubling"]
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"x{v:.2f}"
+
+    print(
+        f"\nheadline: from {first['sites']} to {last['sites']} sites, a staging round grows {x(o['stage-round'])} per "
+        f"doubling ({_round_seconds(first, 'stage'):.1f} s -> {_round_seconds(last, 'stage'):.1f} s), the whole "
+        f"federated run {x(o['federated-run'])} ({first['federated-seconds']:.0f} s -> {last['federated-seconds']:.0f} s), "
+        f"peak memory of the process tree {x(o['peak-pss'])} ({first['peak-pss-mb']:,.0f} MB -> "
+        f"{last['peak-pss-mb']:,.0f} MB PSS) (load average {results['load_average_start'][0]:.1f}) -> {out}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke: 2 and 4 sites")
@@ -241,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cache", type=Path, default=None, help="cache root (default /tmp/onfh-bench/cache-scale-NxP)"
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/onfh-bench/runs"), help="run outputs")
-    parser.add_argument(
-        "--config", type=Path, default=ROOT / "presets" / "tiny.toml", help="run-config preset"
-    )
+    parser.add_argument("--config", type=Path, default=PRESETS / "tiny.toml", help="run-config preset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.25, help="memory sampling interval, seconds")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child: one run
@@ -260,11 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     args.cache = args.cache or Path(f"/tmp/onfh-bench/cache-scale-{max(counts)}x{args.patients}")
     # The largest federation once; smaller runs use its first N sites.
     args.work.mkdir(parents=True, exist_ok=True)
-    prepare_federation(
-        args.data, args.cache, args.work, max(counts), args.patients, "tiny", args.seed, args.config
-    )
+    fed = Federation(max(counts), args.patients, "tiny", args.config, args.data, args.cache)
+    prepare_federation(fed, args.work, args.seed)
     results: dict = {
-        "command": "python -m benchmarks.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command("bench_scale", argv),
         **machine(),
         "federation": {
             "data": str(args.data),
@@ -280,103 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         print(f"\n=== {n} sites ===", flush=True)
         results["runs"].append(measure(n, args, args.config))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-
-    header = [
-        "sites",
-        "pretrain round s (1st round: actors warm up)",
-        "stage round s",
-        "stage round s per site",
-        "federated run s",
-        "peak memory MB (PSS, tree)",
-        "peak RSS sum MB",
-        "processes (max)",
-    ]
-    rows = []
-    for run in results["runs"]:
-        pre, stage = _round_seconds(run, "pretrain"), _round_seconds(run, "stage")
-        rows.append(
-            [
-                run["sites"],
-                "-" if pre is None else f"{pre:.1f}",
-                "-" if stage is None else f"{stage:.1f}",
-                "-" if stage is None else f"{stage / run['sites']:.2f}",
-                f"{run['federated-seconds']:.1f}",
-                f"{run['peak-pss-mb']:,.0f}",
-                f"{run['peak-rss-sum-mb']:,.0f}",
-                run["max-processes"],
-            ]
-        )
-    growth_header = ["sites", "pretrain round", "stage round", "federated run", "peak memory (PSS)"]
-    growth_rows, growth = [], []
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return None if not a or b is None else b / a
-
-    for a, b in zip(results["runs"], results["runs"][1:], strict=False):
-        g = {
-            "from": a["sites"],
-            "to": b["sites"],
-            "pretrain-round": ratio(_round_seconds(a, "pretrain"), _round_seconds(b, "pretrain")),
-            "stage-round": ratio(_round_seconds(a, "stage"), _round_seconds(b, "stage")),
-            "federated-run": ratio(a["federated-seconds"], b["federated-seconds"]),
-            "peak-pss": ratio(a["peak-pss-mb"], b["peak-pss-mb"]),
-        }
-        # Per doubling of the site count (the counts need not double exactly).
-        doublings = math.log2(b["sites"] / a["sites"])
-        per_doubling = {
-            k: (None if g[k] is None else g[k] ** (1 / doublings))
-            for k in ("pretrain-round", "stage-round", "federated-run", "peak-pss")
-        }
-        g["per-doubling"] = per_doubling
-        growth.append(g)
-        growth_rows.append(
-            [f"{a['sites']} -> {b['sites']}"]
-            + ["-" if v is None else f"x{v:.2f}" for v in per_doubling.values()]
-        )
-    first, last = results["runs"][0], results["runs"][-1]
-    overall = math.log2(last["sites"] / first["sites"]) if last["sites"] > first["sites"] else None
-
-    def per_doubling(a: float | None, b: float | None) -> float | None:
-        return None if overall is None or not a or b is None else (b / a) ** (1 / overall)
-
-    results["growth"] = growth
-    results["growth-overall-per-doubling"] = {
-        "stage-round": per_doubling(_round_seconds(first, "stage"), _round_seconds(last, "stage")),
-        "pretrain-round": per_doubling(_round_seconds(first, "pretrain"), _round_seconds(last, "pretrain")),
-        "federated-run": per_doubling(first["federated-seconds"], last["federated-seconds"]),
-        "peak-pss": per_doubling(first["peak-pss-mb"], last["peak-pss-mb"]),
-    }
-    results["tables"] = {
-        "runs": {"header": header, "rows": rows},
-        "growth": {"header": growth_header, "rows": growth_rows},
-    }
+        write_json(args.out, results)
+    summarise(results)
     results["load_average_end"] = os.getloadavg()
     results["seconds"] = time.time() - started
-    args.out.write_text(json.dumps(results, indent=2))
-
-    print(f"\nScale on {os.cpu_count()} CPUs ({args.patients} patients per site, tiny, 1 round per phase):\n")
-    print(markdown(header, rows))
-    print("\nGrowth per doubling of the sites (x2.00 = linear):\n")
-    print(markdown(growth_header, growth_rows))
-    peak = last["at-peak"].get("by-command", {})
-    print(
-        f"\nAt the memory peak with {last['sites']} sites, PSS by command: "
-        + ", ".join(f"{name} {v['pss-mb']:,.0f} MB ({v['processes']} processes)" for name, v in peak.items())
-    )
-    o = results["growth-overall-per-doubling"]
-
-    def x(v: float | None) -> str:
-        return "-" if v is None else f"x{v:.2f}"
-
-    print(
-        f"\nheadline: from {first['sites']} to {last['sites']} sites, a staging round grows {x(o['stage-round'])} per "
-        f"doubling ({_round_seconds(first, 'stage'):.1f} s -> {_round_seconds(last, 'stage'):.1f} s), the whole "
-        f"federated run {x(o['federated-run'])} ({first['federated-seconds']:.0f} s -> {last['federated-seconds']:.0f} s), "
-        f"peak memory of the process tree {x(o['peak-pss'])} ({first['peak-pss-mb']:,.0f} MB -> "
-        f"{last['peak-pss-mb']:,.0f} MB PSS) (load average {results['load_average_start'][0]:.1f}) -> {args.out}"
-    )
+    write_json(args.out, results)
+    report(results, args.patients, args.out)
     return 0
 
 

@@ -21,20 +21,28 @@ the same setup are kept, so a cut run continues).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-from common.training.centralized import load_run_config
+from benchmarks.harness import (
+    DEFAULT_CACHE,
+    DEFAULT_DATA,
+    PRESETS,
+    QUICK_BUDGET,
+    RunLog,
+    command,
+    machine,
+    mean_sd,
+    previous_runs,
+    site_dirs,
+)
+from common.config import load_run_config
 from simulation.baselines import pooled_local_auroc, run_baselines
 
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
 STRATEGIES = {  # name -> preset applied over the default one
     "FedAvg": None,
     "FedProx": PRESETS / "fedprox.toml",
@@ -48,13 +56,6 @@ def _strategy_overrides(preset: Path | None) -> dict:
     if preset is None:
         return {}
     return {k.replace("-", "_"): v for k, v in tomllib.loads(preset.read_text()).items()}
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if v is not None and np.isfinite(v)]
-    if not finite:
-        return float("nan"), 0.0
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
 
 
 def tables(runs: list[dict]) -> str:
@@ -71,7 +72,7 @@ def tables(runs: list[dict]) -> str:
         if not rows:
             continue
         values = [rows[s]["pooled"] for s in seeds if s in rows]
-        mean, sd = _mean_sd(values)
+        mean, sd = mean_sd(values)
         ratios = [rows[s]["pooled"] / central[s] for s in seeds if s in rows and central.get(s)]
         ratio_text = f"{np.mean(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})" if ratios else "-"
         lines.append(
@@ -88,7 +89,7 @@ def tables(runs: list[dict]) -> str:
         for site in sites:
             values = [r["sites"][site]["auroc"] for r in rows if site in r["sites"]]
             hips = [r["sites"][site]["hips"] for r in rows if site in r["sites"]]
-            mean, _ = _mean_sd(values)
+            mean, _ = mean_sd(values)
             cells.append("-" if not np.isfinite(mean) else f"{mean:.3f} ({hips[0] if hips else 0})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -99,124 +100,51 @@ def _auroc(value) -> float:
     return float("nan") if value is None or value != value or value < 0 else float(value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/tmp/fed_default"), help="federation folder")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/cache_default"), help="cache root (site-NN)")
-    parser.add_argument("--config", type=Path, default=PRESETS / "default.toml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke: 1 round of 1 epoch per phase")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/strategies.json"))
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/onfh-strategy-runs"))
-    args = parser.parse_args(argv)
+def run_baselines_of(cfg, dirs: list[Path], seed: int, log: RunLog) -> None:
+    """The centralized and local-only baselines of one seed, recorded as two runs."""
+    t0 = time.time()
+    central, local = run_baselines(cfg, dirs)
+    seconds = time.time() - t0
+    central_sites = {
+        n: {"auroc": _auroc(v["macro_auroc"]), "hips": v["n_samples"]} for n, v in central["sites"].items()
+    }
+    local_sites = {
+        n: {"auroc": _auroc(v["sites"][n]["macro_auroc"]), "hips": v["sites"][n]["n_samples"]}
+        for n, v in local.items()
+        if n in v.get("sites", {})
+    }
+    for method, pooled, sites in (
+        ("centralized", _auroc(central["pooled"]["macro_auroc"]), central_sites),
+        ("local-only", _auroc(pooled_local_auroc(local)), local_sites),
+    ):
+        _record(log, {"seed": seed, "method": method, "pooled": pooled, "sites": sites, "seconds": seconds})
 
+
+def run_strategy(cfg, method: str, preset: Path | None, n_sites: int, log: RunLog) -> None:
+    """One federated run of a strategy preset, recorded."""
     from simulation.main_job import run_federated
 
-    overrides = {
-        "split_seed": args.split_seed,
-        "data_root": str(args.data.resolve()),
-        "cache_dir": str(args.cache.resolve()),
-        "output_dir": str(args.workdir.resolve()),
+    run_cfg = cfg.replace(
+        **_strategy_overrides(preset), run_name=f"{method.lower()}-seed{cfg.seed}-{os.getpid()}"
+    )
+    t0 = time.time()
+    test = run_federated(run_cfg, n_sites)["test"]
+    sites = {
+        n: {"auroc": _auroc(v.get("macro-auroc")), "hips": int(v.get("num-examples", 0))}
+        for n, v in test.get("sites", {}).items()
     }
-    if args.quick:
-        overrides.update(
-            pretrain_rounds=1, pretrain_epochs=1, pretrain_max_pairs=200, stage_rounds=1, stage_epochs=1
-        )
-    base = load_run_config(args.config, **overrides)
-    site_dirs = sorted(d for d in args.data.glob("site-*") if d.is_dir())
-    if not site_dirs:
-        print(f"no site-NN folders in {args.data}: pass --data with a federation from 'onfh synth'")
-        return 2
-    setup = {
-        "data": str(args.data.resolve()),
-        "split_seed": args.split_seed,
-        "quick": args.quick,
-        "budget": {
-            k: getattr(base, k)
-            for k in ("pretrain_rounds", "pretrain_epochs", "stage_rounds", "stage_epochs", "batch_size")
-        },
-    }
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    runs: list[dict] = previous.get("runs", []) if previous.get("setup") == setup else []
-    started = time.time()
-    results = {
-        "command": "python -m benchmarks.bench_strategies "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "date": date.today().isoformat(),
-        "setup": setup,
-        "runs": runs,
-    }
+    run = {"seed": cfg.seed, "method": method, "pooled": _auroc(test.get("macro-auroc")), "sites": sites}
+    _record(log, {**run, "seconds": time.time() - t0})
 
-    def done(method: str, seed: int) -> bool:
-        return any(r["method"] == method and r["seed"] == seed for r in runs)
 
-    def record(run: dict) -> None:
-        runs.append(run)
-        results["seconds"] = time.time() - started
-        results["table"] = tables(runs)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        print(
-            f"seed {run['seed']} {run['method']:<11} pooled test macro AUROC {run['pooled']:.3f} "
-            f"({run['seconds']:.0f} s)",
-            flush=True,
-        )
+def _record(log: RunLog, run: dict) -> None:
+    log.record(
+        run,
+        f"seed {run['seed']} {run['method']:<11} pooled test macro AUROC {run['pooled']:.3f} ({run['seconds']:.0f} s)",
+    )
 
-    for seed in args.seeds:
-        cfg = base.replace(seed=seed)
-        if not (done("centralized", seed) and done("local-only", seed)):
-            t0 = time.time()
-            central, local = run_baselines(cfg, site_dirs)
-            seconds = time.time() - t0
-            record(
-                {
-                    "seed": seed,
-                    "method": "centralized",
-                    "pooled": _auroc(central["pooled"]["macro_auroc"]),
-                    "sites": {
-                        n: {"auroc": _auroc(v["macro_auroc"]), "hips": v["n_samples"]}
-                        for n, v in central["sites"].items()
-                    },
-                    "seconds": seconds,
-                }
-            )
-            record(
-                {
-                    "seed": seed,
-                    "method": "local-only",
-                    "pooled": _auroc(pooled_local_auroc(local)),
-                    "sites": {
-                        n: {"auroc": _auroc(v["sites"][n]["macro_auroc"]), "hips": v["sites"][n]["n_samples"]}
-                        for n, v in local.items()
-                        if n in v.get("sites", {})
-                    },
-                    "seconds": seconds,
-                }
-            )
-        for method, preset in STRATEGIES.items():
-            if done(method, seed):
-                continue
-            run_cfg = cfg.replace(
-                **_strategy_overrides(preset), run_name=f"{method.lower()}-seed{seed}-{os.getpid()}"
-            )
-            t0 = time.time()
-            test = run_federated(run_cfg, len(site_dirs))["test"]
-            record(
-                {
-                    "seed": seed,
-                    "method": method,
-                    "pooled": _auroc(test.get("macro-auroc")),
-                    "sites": {
-                        n: {"auroc": _auroc(v.get("macro-auroc")), "hips": int(v.get("num-examples", 0))}
-                        for n, v in test.get("sites", {}).items()
-                    },
-                    "seconds": time.time() - t0,
-                }
-            )
-    print()
-    print(tables(runs))
+
+def headline(runs: list[dict], seeds: list[int], seconds: float, out: Path) -> str:
     central_values = [r["pooled"] for r in runs if r["method"] == "centralized"]
     parts = []
     for method in STRATEGIES:
@@ -229,11 +157,61 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if ratios:
             parts.append(f"{method} {np.mean(ratios):.3f}")
-    print(
-        f"\nheadline: federated / centralized pooled test macro AUROC: {', '.join(parts)} "
-        f"(centralized {np.mean(central_values):.3f}) over seeds {args.seeds}, "
-        f"{time.time() - started:.0f} s -> {args.out}"
+    return (
+        f"headline: federated / centralized pooled test macro AUROC: {', '.join(parts)} "
+        f"(centralized {np.mean(central_values):.3f}) over seeds {seeds}, {seconds:.0f} s -> {out}"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="federation folder")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache root (site-NN)")
+    parser.add_argument("--config", type=Path, default=PRESETS / "default.toml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke: 1 round of 1 epoch per phase")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/strategies.json"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/onfh-strategy-runs"))
+    args = parser.parse_args(argv)
+    overrides = {
+        "split_seed": args.split_seed,
+        "data_root": str(args.data.resolve()),
+        "cache_dir": str(args.cache.resolve()),
+        "output_dir": str(args.workdir.resolve()),
+        **(QUICK_BUDGET if args.quick else {}),
+    }
+    base = load_run_config(args.config, **overrides)
+    dirs = site_dirs(args.data)
+    if not dirs:
+        print(f"no site-NN folders in {args.data}: pass --data with a federation from 'onfh synth'")
+        return 2
+    budget_keys = ("pretrain_rounds", "pretrain_epochs", "stage_rounds", "stage_epochs", "batch_size")
+    setup = {
+        "data": str(args.data.resolve()),
+        "split_seed": args.split_seed,
+        "quick": args.quick,
+        "budget": {k: getattr(base, k) for k in budget_keys},
+    }
+    info = machine()
+    results = {
+        "command": command("bench_strategies", argv),
+        "machine": info["machine"],
+        "date": info["date"],
+        "setup": setup,
+        "runs": previous_runs(args.out, "setup", setup),
+    }
+    log = RunLog(args.out, results, lambda r: r.update(table=tables(r["runs"])))
+    for seed in args.seeds:
+        cfg = base.replace(seed=seed)
+        if not (log.done(method="centralized", seed=seed) and log.done(method="local-only", seed=seed)):
+            run_baselines_of(cfg, dirs, seed, log)
+        for method, preset in STRATEGIES.items():
+            if not log.done(method=method, seed=seed):
+                run_strategy(cfg, method, preset, len(dirs), log)
+    print()
+    print(tables(log.runs))
+    print(f"\n{headline(log.runs, args.seeds, time.time() - log.started, args.out)}")
     return 0
 
 

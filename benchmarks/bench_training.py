@@ -31,24 +31,23 @@ is recorded beside the timings.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
-import platform
 import resource
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.models.factory import ModelConfig, build_staging, build_translation, count_parameters
+from benchmarks.harness import command, machine, write_json
+from common.config import ModelConfig, TrainConfig
+from common.models.factory import build_staging, build_translation, count_parameters
 from common.models.translation import TranslationLoss
 from common.training.augmentation import BatchAugmentation
 from common.training.datasets import HipDataset, PairDataset
-from common.training.loops import TrainConfig, train_staging, train_translation
+from common.training.loops import train_staging, train_translation
 
 DEFAULT_GRID = {"slices": 8, "size": 48}
 PAPER_GRID = {"slices": 16, "size": 128}
@@ -198,12 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     results: dict = {
-        "command": "python -m benchmarks.bench_training "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "date": date.today().isoformat(),
+        "command": command("bench_training", argv),
+        **machine(),
         "torch": torch.__version__,
-        "load_average_start": os.getloadavg(),
         "memory_method": "peak RSS (VmHWM, reset via /proc/self/clear_refs) during one AdamW step minus VmRSS "
         "before it, fresh spawned process",
         "flops_method": "torch.utils.flop_counter.FlopCounterMode (multiply-add = 2 FLOPs)",
@@ -246,12 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['train_step_gflops_per_item']:8.2f} GFLOP train step per {row['item']}, "
             f"peak RSS +{row['peak_rss_step_mb']:,.0f} MB per step of {row['batch']} ({row['step_seconds']:.1f} s)"
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
     results["load_average_end"] = os.getloadavg()
     results["seconds"] = time.time() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_json(args.out, results)
     print(
         f"headline: cpu-small trains at {t['staging_hips_per_s']:.1f} hips/s on this machine, "
         f"{100 * t['staging_data_wait_share']:.1f} % of the loop waiting for data "

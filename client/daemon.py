@@ -27,11 +27,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import description
 from common.config import PreprocessSettings, RunConfig
+from common.deployment import flower_executable, flwr_env, split_address, stop_process_tree
 from common.sitedata.load import load_site
-from server.daemon import flower_executable, stop_process_tree
-from server.provision import split_address
-from server.runs import flwr_env
 
 EXIT_STOPPED = 0
 EXIT_BAD_ARGS = 2
@@ -255,13 +254,14 @@ def _settings(preset: Path | None) -> PreprocessSettings:
     return RunConfig.from_dict(tomllib.loads(preset.read_text())).preprocess
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``onfh site --kit DIR --data DIR [--cache DIR] [--device auto] [--runtime-port 9094] [--preset TOML]``.
-
-    Returns 0 when stopped (SIGTERM / Ctrl-C), 3 when the data is unusable, 4 when the server or
-    the kit is refused, 2 on bad arguments.
-    """
-    parser = argparse.ArgumentParser(prog="onfh site", description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onfh site",
+        description=description(__doc__, full=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 stopped (SIGTERM / Ctrl-C), 2 bad arguments, 3 data unusable, "
+        "4 server or kit refused",
+    )
     parser.add_argument(
         "--kit", type=Path, required=True, help="this hospital's kit folder from 'onfh provision'"
     )
@@ -289,7 +289,33 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to retry while the server does not know the key",
     )
     parser.add_argument("--skip-check", action="store_true", help="join without checking the data first")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _stay_connected(daemon: SiteDaemon, max_wait_s: float | None, auth_grace_s: float) -> None:
+    """Wait for the server, run the SuperNode, and again when it stops; returns only by an exception."""
+    key_unknown_since: float | None = None
+    while True:
+        daemon.wait_for_server(max_wait_s)
+        try:
+            daemon.run_once()
+            key_unknown_since = None
+        except KeyUnknown as exc:
+            # A server that has just started registers its keys a few seconds after it answers.
+            key_unknown_since = key_unknown_since or time.monotonic()
+            if time.monotonic() - key_unknown_since > auth_grace_s:
+                raise
+            daemon._say(f"{exc} (retrying for up to {auth_grace_s:.0f} s)")
+        time.sleep(2.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``onfh site --kit DIR --data DIR [--cache DIR] [--device auto] [--runtime-port 9094] [--preset TOML]``.
+
+    Returns 0 when stopped (SIGTERM / Ctrl-C), 3 when the data is unusable, 4 when the server or
+    the kit is refused, 2 on bad arguments.
+    """
+    args = _parser().parse_args(argv)
     data = args.data.absolute()
     cache = (args.cache or data.parent / f".{data.name}-cache").absolute()
     log_path = (args.log or cache.parent / f"onfh-site-{data.name}.log").absolute()
@@ -305,40 +331,22 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_check:
             print(f"onfh site: checking {data} ...", flush=True)
             print(f"onfh site: data usable: {check_data(data, cache, _settings(args.preset))}", flush=True)
-        daemon = SiteDaemon(
-            kit, node_config(kit.site_name, data, cache, args.device), args.runtime_port, log_path
-        )
-        key_unknown_since: float | None = None
-        while True:
-            daemon.wait_for_server(args.max_wait)
-            try:
-                daemon.run_once()
-                key_unknown_since = None
-            except KeyUnknown as exc:
-                # A server that has just started registers its keys a few seconds after it answers.
-                key_unknown_since = key_unknown_since or time.monotonic()
-                if time.monotonic() - key_unknown_since > args.auth_grace:
-                    raise
-                daemon._say(f"{exc} (retrying for up to {args.auth_grace:.0f} s)")
-            time.sleep(2.0)
+        config = node_config(kit.site_name, data, cache, args.device)
+        daemon = SiteDaemon(kit, config, args.runtime_port, log_path)
+        _stay_connected(daemon, args.max_wait, args.auth_grace)
     except KeyboardInterrupt:
-        if daemon is not None:
-            daemon.stop()
-        print("onfh site: stopped", flush=True)
-        return EXIT_STOPPED
+        code, message = EXIT_STOPPED, "stopped"
     except SiteRefused as exc:
-        if daemon is not None:
-            daemon.stop()
-        print(f"onfh site: refused: {exc}", file=sys.stderr, flush=True)
-        return EXIT_DATA_UNUSABLE if isinstance(exc, DataUnusable) else EXIT_REFUSED
+        code = EXIT_DATA_UNUSABLE if isinstance(exc, DataUnusable) else EXIT_REFUSED
+        message = f"refused: {exc}"
     except TimeoutError as exc:
-        if daemon is not None:
-            daemon.stop()
-        print(f"onfh site: {exc}", file=sys.stderr, flush=True)
-        return EXIT_REFUSED
+        code, message = EXIT_REFUSED, str(exc)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"onfh site: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_ARGS
+        code, message = EXIT_BAD_ARGS, str(exc)
+    if daemon is not None:
+        daemon.stop()  # before saying so: the SuperNode and what it started are gone
+    print(f"onfh site: {message}", file=sys.stdout if code == EXIT_STOPPED else sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

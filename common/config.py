@@ -1,8 +1,9 @@
-"""One typed, validated view of a run's settings (Flower run config) and a site's (node config).
+"""Every setting of onfh-fl in one place: run, site, model, training and preprocessing settings.
 
 Run settings live in ``[tool.flwr.app.config]`` of pyproject.toml (kebab-case) and arrive as
 ``context.run_config``; site settings arrive as ``context.node_config``. Only this module
-indexes those raw dicts.
+indexes those raw dicts, and ``load_run_config`` is the one loader of presets. No torch here:
+the settings are read (and validated) before any network is built.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-from common.models.factory import ModelConfig
-from common.training.loops import TrainConfig
 
 # Only T1 TSE coronal and T2 Dixon water coronal are named in the paper; the other three are ours.
 DEFAULT_PROTOCOLS: tuple[str, ...] = ("T1_COR", "T2W_COR", "T1_AX", "T2W_AX", "PDFS_SAG")
@@ -59,6 +58,108 @@ class PreprocessSettings:
     def fingerprint(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# The models' own tables (common/models: ENCODER_PRESETS, FUSIONS, NORMS) hold these names with
+# the layers behind them; the names are repeated here so that settings validate without torch
+# (tests/common/test_config.py checks that the two agree).
+ENCODER_PRESET_NAMES: tuple[str, ...] = ("cpu-small", "vgg16")
+FUSION_NAMES: tuple[str, ...] = ("attention", "plain")
+NORM_NAMES: tuple[str, ...] = ("batch", "instance", "group")
+
+
+@dataclass
+class ModelConfig:
+    """The model choices of a run (the ablation switches are ``fusion`` and ``pretrained``).
+
+    Attributes:
+        preset: encoder preset, a key of ``ENCODER_PRESETS`` (``"cpu-small"``, ``"vgg16"``).
+        fusion: ``"attention"`` (paper) or ``"plain"`` (plain VGG baseline).
+        pretrained: initialise the staging encoder from the MR-to-CT translation encoder
+            (phase 1); ``False`` = random init (the "no self-supervised learning" ablation).
+            The builders do not load weights; the caller applies ``load_pretrained_encoder``.
+        n_protocols: P (``len(PreprocessSettings.protocols)``).
+        n_classes: 4 (ARCO I-IV).
+        norm: ``"batch"``, ``"instance"`` or ``"group"``.
+        embed_dim, heads, dropout: attention-fusion width, heads and dropout.
+    """
+
+    preset: str = "cpu-small"
+    fusion: str = "attention"
+    pretrained: bool = True
+    n_protocols: int = 5
+    n_classes: int = 4
+    norm: str = "batch"
+    embed_dim: int = 128
+    heads: int = 4
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.preset not in ENCODER_PRESET_NAMES:
+            raise ValueError(
+                f"ModelConfig.preset must be one of {sorted(ENCODER_PRESET_NAMES)}, got {self.preset!r}"
+            )
+        if self.fusion not in FUSION_NAMES:
+            raise ValueError(f"ModelConfig.fusion must be one of {FUSION_NAMES}, got {self.fusion!r}")
+        if self.norm not in NORM_NAMES:
+            raise ValueError(f"ModelConfig.norm must be one of {NORM_NAMES}, got {self.norm!r}")
+        if self.n_protocols < 1:
+            raise ValueError(f"ModelConfig.n_protocols must be >= 1, got {self.n_protocols}")
+        if self.n_classes < 2:
+            raise ValueError(f"ModelConfig.n_classes must be >= 2, got {self.n_classes}")
+        if self.embed_dim < 1 or self.heads < 1 or self.embed_dim % self.heads:
+            raise ValueError(
+                f"ModelConfig.heads ({self.heads}) must divide ModelConfig.embed_dim ({self.embed_dim})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one local training call (one federated round, or the centralized run).
+
+    Attributes:
+        epochs: passes over the local training set.
+        lr, weight_decay: AdamW settings.
+        batch_size: hips (staging) or slice pairs (translation) per step.
+        class_weighted: weight the cross entropy by inverse training-class frequency.
+        augment: augment every training batch on the device (``common.training.augmentation``).
+        seed: seeds torch/numpy/random and the shuffling order.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp: mixed precision (bf16, or fp16 with a GradScaler) on CUDA; ignored on CPU.
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        proximal_mu: FedProx coefficient; > 0 adds ``mu/2 * ||w - w_ref||^2``.
+        select_on_val: with a validation set, keep the weights of the epoch with the best
+            validation macro AUROC (ties and undefined AUROC broken by lower validation loss).
+    """
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 8
+    weight_decay: float = 1e-4
+    class_weighted: bool = True
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    proximal_mu: float = 0.0
+    select_on_val: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"TrainConfig needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(
+                f"TrainConfig needs batch_size >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}"
+            )
+        if self.proximal_mu < 0:
+            raise ValueError(f"TrainConfig.proximal_mu must be >= 0, got {self.proximal_mu}")
 
 
 STRATEGIES = (
@@ -216,6 +317,33 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / (self.run_name or "run")
+
+
+def load_run_config(path: Path | None, **overrides: Any) -> RunConfig:
+    """Defaults, then a TOML preset (flat run-config keys), then keyword overrides.
+
+    Args:
+        path: a TOML file of kebab-case run-config keys (``presets/*.toml``), or None.
+        overrides: snake_case or kebab-case run-config keys, applied last.
+
+    Raises:
+        ValueError: the file is missing or not TOML, or a key or value is invalid (the message
+            names the file, the key and the fix).
+    """
+    raw: dict = {}
+    if path is not None:
+        if not path.is_file():
+            raise ValueError(f"config preset {path} not found; see presets/ for examples")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config preset {path} is not valid TOML ({exc})") from None
+    raw.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    try:
+        return RunConfig.from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        where = f" in {path}" if path is not None else ""
+        raise ValueError(f"{exc}{where}") from None
 
 
 @dataclass(frozen=True)

@@ -64,3 +64,9 @@ class ProblemLog(list):
         """One ``SEVERITY path: reason -> fix`` line per problem at or above ``min_severity``."""
         keep = SEVERITIES[: SEVERITIES.index(min_severity) + 1]
         return [f"{p.severity.upper():7s} {p}" for p in self if p.severity in keep]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line problems."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,18 +1,19 @@
 """Per-round checkpoints of the global model and run state, written atomically.
 
-One ``.npz`` file holds the arrays and a JSON blob of the run state, so a checkpoint is
-either the old one or the new one, never half of each (write to a temp file, fsync, rename).
+One ``.npz`` file holds the arrays and a JSON blob of the run state, written with
+``common.files.save_npz_atomic``, so a checkpoint is either the old one or the new one, never half
+of each.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from common.files import save_npz_atomic
 
 STATE_KEY = "__state_json__"
 OPTIMISER_PREFIX = "__optimiser__/"
@@ -29,22 +30,8 @@ class Checkpoint:
     optimiser: dict[str, np.ndarray] = field(default_factory=dict)  # server optimiser (FedAdam m/v...)
 
 
-def save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` (.npz) so that readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` (.npz) atomically: arrays, optimiser moments, JSON state."""
     state = {
         "phase": checkpoint.phase,
         "completed_round": checkpoint.completed_round,
@@ -53,7 +40,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     payload = dict(checkpoint.arrays)
     payload.update({OPTIMISER_PREFIX + k: v for k, v in checkpoint.optimiser.items()})
     payload[STATE_KEY] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
-    save_atomic(path, payload)
+    save_npz_atomic(path, payload)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -89,6 +76,7 @@ def strategy_optimiser_state(strategy: object) -> dict[str, np.ndarray]:
 
 
 def restore_optimiser_state(strategy: object, state: dict[str, np.ndarray]) -> None:
+    """Put moments saved by :func:`strategy_optimiser_state` back on ``strategy``."""
     for attr in ("m_t", "v_t", "momentum_vector"):
         values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(attr + "/")}
         if values and all(k.startswith("#") for k in values):

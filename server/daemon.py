@@ -27,80 +27,9 @@ from pathlib import Path
 
 from cryptography import x509
 
-from server.provision import split_address
-from server.runs import CONNECTION, flwr_env, flwr_executable, write_flwr_connection
-
-STOP_GRACE_S = 15.0
-
-
-def flower_executable(name: str) -> str:
-    """A Flower command (``flower-superlink``, ``flower-supernode``) beside this interpreter."""
-    beside = Path(sys.executable).parent / name
-    if not beside.exists():
-        raise FileNotFoundError(
-            f"{name} not found beside {sys.executable}: install onfh-fl in this environment"
-        )
-    return str(beside)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux /proc), children first; Flower detaches some of them."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def stop_process_tree(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int | None:
-    """SIGTERM ``proc`` (it stops its own children), wait ``grace_s``, then SIGKILL whatever of its tree is left.
-
-    ``proc`` must have been started with ``start_new_session=True``: what is left of its process
-    group (children orphaned when it exited) is killed too. Returns the exit code of ``proc``.
-    """
-    if proc.poll() is None:
-        tree = descendants(proc.pid)
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    else:
-        tree = descendants(proc.pid)
-    deadline = time.monotonic() + 3.0
-    for pid in tree:
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session's leftovers; the group id is the leader's pid
-    except (ProcessLookupError, PermissionError):
-        pass
-    return proc.returncode
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+from common.cli import description
+from common.deployment import flower_executable, flwr_env, flwr_executable, split_address, stop_process_tree
+from server.runs import CONNECTION, write_flwr_connection
 
 
 @dataclass(frozen=True)
@@ -261,7 +190,7 @@ class ServerDaemon:
 
 def main(argv: list[str] | None = None) -> int:
     """``onfh server --kit DIR [--work DIR] [--host 0.0.0.0] [--port N] [--register-only]``."""
-    parser = argparse.ArgumentParser(prog="onfh server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="onfh server", description=description(__doc__))
     parser.add_argument("--kit", type=Path, required=True, help="the server kit folder from 'onfh provision'")
     parser.add_argument(
         "--work", type=Path, default=None, help="state, logs and run outputs (default KIT/work)"

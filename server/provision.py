@@ -30,6 +30,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.cli import description
+from common.deployment import split_address
+from common.files import write_atomic
+
 CA_DAYS = 3650  # ten years: the CA outlives server certificates, which are renewed
 SERVER_DAYS = 397  # the longest lifetime public CAs still issue; renew yearly
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # the SuperLink's own ServerApp dials it locally
@@ -46,18 +50,6 @@ class Provisioned:
     server_expires: dt.datetime
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port); a message naming the fix otherwise."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(
-            f"server address {address!r} is not HOST:PORT: give the name or IP the hospitals will "
-            "dial and the port, e.g. --server-address fl.example-hospital.org:9092"
-        )
-    return host, int(port)
-
-
 def check_site_name(name: str) -> str:
     """A site name is a folder name and a node label: lowercase letters, digits, '-' and '_'."""
     if not name or not set(name) <= SITE_NAME_CHARS or name in ("server", "admin", "ca"):
@@ -69,12 +61,8 @@ def check_site_name(name: str) -> str:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 from the start (never world-readable, not even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
+    """Write ``path`` with mode 0600 from the start (never readable by others, not even briefly)."""
+    write_atomic(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes | str) -> None:
@@ -308,7 +296,11 @@ def _print_summary(done: Provisioned) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``onfh provision --server-address HOST:PORT --sites a,b,c OUT`` or ``onfh provision --add-site NAME OUT``."""
-    parser = argparse.ArgumentParser(prog="onfh provision", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="onfh provision",
+        description=description(__doc__, full=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("out", type=Path, help="folder to write the CA and kits into")
     parser.add_argument("--server-address", help="HOST:PORT the hospitals and the admin dial")
     parser.add_argument("--sites", default="", help="comma-separated site names, e.g. hospital-a,hospital-b")

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.config import STAGES  # noqa: E402
-from server.checkpoint import save_atomic  # noqa: E402
+from common.files import save_npz_atomic, write_atomic  # noqa: E402
 
 log = logging.getLogger("onfh.server")
 
@@ -66,10 +66,8 @@ class RunRecorder:
     def write_final(self, results: dict, model_arrays: dict[str, np.ndarray]) -> Path:
         results = {**results, "wall-seconds": time.time() - self.started}
         path = self.run_dir / "results.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_jsonable(results), indent=2))
-        tmp.replace(path)
-        save_atomic(self.run_dir / "final_model.npz", model_arrays)
+        write_atomic(path, json.dumps(_jsonable(results), indent=2).encode())
+        save_npz_atomic(self.run_dir / "final_model.npz", model_arrays)
         self._plots(results)
         return path
 

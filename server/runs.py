@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,20 +23,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from common.cli import description
 from common.config import RunConfig
+from common.deployment import flwr_env, flwr_executable
 
 CONNECTION = "onfh"  # the connection's name in the generated Flower config
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FINISHED = "finished"
-
-
-def flwr_executable() -> str:
-    """The ``flwr`` beside this interpreter (the project's venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "flwr"
-    found = str(beside) if beside.exists() else shutil.which("flwr")
-    if not found:
-        raise FileNotFoundError("the 'flwr' command is not installed: install onfh-fl (pip install -e .)")
-    return found
 
 
 def write_flwr_connection(flwr_home: Path, address: str, ca_pem: Path) -> Path:
@@ -52,16 +44,6 @@ def write_flwr_connection(flwr_home: Path, address: str, ca_pem: Path) -> Path:
         f"root-certificates = {json.dumps(str(ca_pem.absolute()))}\n"
     )
     return config
-
-
-def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """The environment for a ``flwr``/Flower process: our FLWR_HOME, the venv first on PATH, no installs."""
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home.absolute())
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 class AdminKit:
@@ -231,7 +213,7 @@ def logs(kit: AdminKit, run_id: int, follow: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``onfh run submit|status|logs --kit ADMIN_KIT ...``."""
-    parser = argparse.ArgumentParser(prog="onfh run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="onfh run", description=description(__doc__))
     verbs = parser.add_subparsers(dest="verb", required=True)
     sub = verbs.add_parser("submit", help="submit a federated run (phase presets as run config)")
     sub.add_argument("--kit", type=Path, required=True, help="the admin kit folder")

@@ -1,24 +1,10 @@
-"""Flower strategies chosen by config, wrapped with update validation, failure accounting,
-secure-aggregate evaluation (score histograms) and per-round checkpoints.
+"""Flower strategies chosen by config, guarded: update validation, failure accounting,
+secure-aggregate evaluation (score histograms), per-round accounting and a round-end callback.
 
-The wrapper overrides only ``configure_*`` and ``aggregate_*`` and calls ``super()``, so any of
-Flower's strategies keeps its own aggregation rule.
-
-It also accounts for each round (site names, byte counts and times only, never patient data),
-in the round's entry of ``PhaseState.rounds`` (hence ``metrics.jsonl`` and ``results.json``):
-
-- ``bytes``: tensor bytes of the messages' ArrayRecords (sum of the arrays' ``nbytes`` in their
-  dtype on the wire; replies counted before the server casts float16 to float32) per site, under
-  ``train-sent``, ``train-received``, ``evaluate-sent``, ``evaluate-received``;
-- ``message-bytes``: the same messages' records as Flower counts them (``count_bytes()`` of every
-  ArrayRecord, MetricRecord and ConfigRecord: tensors plus array headers, keys, metrics, config);
-- ``seconds``: server wall-clock times of the round: ``train`` (configure_train to the end of
-  aggregate_train), ``train-wait`` (messages out to replies in: transport and the sites' work),
-  ``aggregate`` (screening and aggregation of the training replies), ``evaluate`` (configure_evaluate
-  to the end of aggregate_evaluate), ``round`` (configure_train to the end of aggregate_evaluate);
-  and, in ``results.json`` only, ``on-round-end`` (metrics line and checkpoint written after it);
-- ``started``: the round's start (Unix time); ``site-train-seconds``: each site's reported
-  ``train-seconds`` (its local training, data loading included).
+``GuardedStrategy`` is a mixin placed before a Flower strategy class (``GuardedFedAvg(GuardedStrategy,
+FedAvg)``, one named class per strategy in ``common.config.STRATEGIES``). It overrides only
+``configure_*`` and ``aggregate_*`` and calls ``super()``, so each keeps Flower's own aggregation rule
+and ``start()``. What is accounted per round is described in :mod:`server.accounting`.
 """
 
 from __future__ import annotations
@@ -43,28 +29,19 @@ from flwr.serverapp.strategy import (
     FedYogi,
 )
 
-from common.config import RunConfig
+from common.config import STRATEGIES, RunConfig
 from common.records import from_record, to_record
-from common.training.evaluation import pooled_staging_metrics
+from server.accounting import RoundAccount, RoundClock, summarise_evaluation
 from server.validation import update_problem
 
 log = logging.getLogger("onfh.server")
 
-BASES = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
-    "fedavgm": FedAvgM,
-    "fedmedian": FedMedian,
-    "fedtrimmedavg": FedTrimmedAvg,
-}
+RoundEnd = Callable[[int, ArrayRecord, dict], None]  # (absolute round, global arrays, evaluation summary)
 
 
 @dataclass
 class PhaseState:
-    """What the wrapper learns during one phase; the server app checkpoints it each round."""
+    """What the strategy learns during one phase; the server checkpoints it each round."""
 
     phase: str
     round_offset: int = 0
@@ -73,79 +50,90 @@ class PhaseState:
     rounds: list[dict] = field(default_factory=list)
     last_arrays: ArrayRecord | None = None
     last_sent: list[int] = field(default_factory=list)
-    # Accounting of the round in progress (bytes, times); it becomes part of the round's entry.
-    pending: dict = field(default_factory=dict)
+    account: RoundAccount = field(default_factory=RoundAccount)  # the round in progress
 
 
-def tensor_bytes(record: ArrayRecord) -> int:
-    """Bytes of the tensors an ArrayRecord carries, in their dtype as sent (sum of ``nbytes``)."""
-    return int(
-        sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
-    )
-
-
-def message_bytes(msg: Message) -> tuple[int, int]:
-    """``(tensor bytes, record bytes)`` of a message's content; ``(0, 0)`` for an error reply.
-
-    Tensor bytes: :func:`tensor_bytes` of every ArrayRecord. Record bytes: Flower's
-    ``count_bytes()`` of every record (serialized arrays with their headers, keys, metrics, config).
-    """
-    if not msg.has_content():
-        return 0, 0
-    content = msg.content
-    tensors = sum(tensor_bytes(r) for r in content.array_records.values())
-    return int(tensors), int(sum(r.count_bytes() for r in content.values()))
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The useful line of an error reply (Flower/Ray wrap a site's error in tracebacks)."""
+    found = re.search(r"site [\w.-]+: [^\n'\\]+", reason)
+    text = found.group(0) if found else reason.strip().splitlines()[-1] if reason.strip() else "unknown error"
+    return text[:limit]
 
 
 class GuardedStrategy:
-    """Mixin placed before a Flower strategy class (see :func:`build_strategy`)."""
+    """Mixin placed before a Flower strategy class: validates replies and accounts for each round.
 
-    def guard(
+    Args:
+        state: the phase's state, shared with the server (sites, failures, round entries).
+        cfg: the run's settings (``min-sites`` and the strategy's own settings).
+        reference: the global model's arrays; every update must match their names, shapes, dtypes.
+        on_round_end: called after each round's evaluation with (round, arrays, summary).
+        **options: keyword arguments of the Flower strategy class beyond the node counts.
+    """
+
+    def __init__(
         self,
         state: PhaseState,
+        cfg: RunConfig,
         reference: dict[str, np.ndarray],
-        min_sites: int,
-        on_round_end: Callable[[int, ArrayRecord, dict], None],
+        on_round_end: RoundEnd | None = None,
+        **options: object,
     ) -> None:
         self.state = state
         self.reference = {k: (tuple(v.shape), str(v.dtype)) for k, v in reference.items()}
-        self.min_sites = min_sites
-        self.on_round_end = on_round_end
+        self.min_sites = cfg.min_sites
+        self.on_round_end = on_round_end or (lambda *_: None)
+        # Every connected site is asked each round; a round needs ``min-sites`` usable replies.
+        super().__init__(  # type: ignore[call-arg]  # the Flower strategy after this mixin in the MRO
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=cfg.min_sites,
+            min_evaluate_nodes=cfg.min_sites,
+            min_available_nodes=cfg.min_sites,
+            **options,
+        )
 
     # -- helpers -----------------------------------------------------------------------------
-    def _tally(self, key: str, site: str, msg: Message) -> None:
-        """Record the bytes of one message under ``key`` (e.g. ``train-sent``) for ``site``."""
-        tensors, records = message_bytes(msg)
-        self.state.pending.setdefault("bytes", {}).setdefault(key, {})[site] = tensors
-        self.state.pending.setdefault("message-bytes", {}).setdefault(key, {})[site] = records
-
     def _tally_sent(self, step: str, messages: list[Message]) -> None:
         for msg in messages:
             node = msg.metadata.dst_node_id
-            self._tally(f"{step}-sent", self.state.sites.get(node, f"node-{node}"), msg)
-
-    def _seconds(self) -> dict:
-        return self.state.pending.setdefault("seconds", {})
+            self.state.account.tally(f"{step}-sent", self.state.sites.get(node, f"node-{node}"), msg)
 
     def _absolute(self, server_round: int) -> int:
         return self.state.round_offset + server_round
 
     def site_of(self, msg: Message) -> str:
+        """The site name of a reply (learnt from its content), else ``node-ID``."""
         node = msg.metadata.src_node_id
         if msg.has_content() and "site" in msg.content.config_records:
             self.state.sites[node] = str(msg.content.config_records["site"]["site-name"])
         return self.state.sites.get(node, f"node-{node}")
 
-    def _fail(self, server_round: int, stage: str, site: str, reason: str) -> None:
+    def _fail(self, server_round: int, step: str, site: str, reason: str) -> None:
         entry = {
             "phase": self.state.phase,
             "round": self._absolute(server_round),
-            "step": stage,
+            "step": step,
             "site": site,
             "reason": reason,
         }
         self.state.failures.append(entry)
-        log.warning("round %d %s: site %s rejected: %s", entry["round"], stage, site, reason)
+        log.warning("round %d %s: site %s rejected: %s", entry["round"], step, site, reason)
+
+    def _update_problem(self, msg: Message) -> str | None:
+        """Why a training reply's arrays may not be aggregated; casts float16 updates to float32 in place."""
+        records = list(msg.content.array_records.values())
+        if len(records) != 1:
+            return f"reply carries {len(records)} array records, expected 1"
+        arrays = from_record(records[0])
+        problem = update_problem(self.reference, arrays)
+        if problem is None and any(v.dtype == np.float16 for v in arrays.values()):
+            # Aggregate in float32 whatever the wire dtype was (repacked only when needed).
+            key = next(iter(msg.content.array_records.keys()))
+            msg.content[key] = to_record(
+                {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
+            )
+        return problem
 
     def screen(
         self, server_round: int, replies: Iterable[Message], step: str, check_arrays: bool
@@ -155,17 +143,13 @@ class GuardedStrategy:
         replied = {m.metadata.src_node_id for m in replies}
         for node in self.state.last_sent:
             if node not in replied:
-                self._fail(
-                    server_round,
-                    step,
-                    self.state.sites.get(node, f"node-{node}"),
-                    "no reply before the round timeout",
-                )
+                site = self.state.sites.get(node, f"node-{node}")
+                self._fail(server_round, step, site, "no reply before the round timeout")
         kept, idle = [], 0
         for msg in replies:
             site = self.site_of(msg)
             if msg.has_content():  # every reply is traffic, sound or not; counted as it arrived
-                self._tally(f"{step}-received", site, msg)
+                self.state.account.tally(f"{step}-received", site, msg)
             if msg.has_error():
                 reason = short_reason(msg.error.reason)
                 named = re.match(r"site ([\w.-]+): ", reason)
@@ -178,30 +162,13 @@ class GuardedStrategy:
                 self._fail(server_round, step, site, "reply has no 'num-examples' metric")
                 continue
             if step == "train" and "train-seconds" in metrics:
-                self.state.pending.setdefault("site-train-seconds", {})[site] = float(
-                    metrics["train-seconds"]
-                )
+                self.state.account.site_train_seconds[site] = float(metrics["train-seconds"])
             if float(metrics["num-examples"]) <= 0:
                 idle += 1  # the site has no data for this step: it answers but does not take part
                 continue
-            if check_arrays:
-                records = list(msg.content.array_records.values())
-                if len(records) != 1:
-                    self._fail(
-                        server_round, step, site, f"reply carries {len(records)} array records, expected 1"
-                    )
-                    continue
-                arrays = from_record(records[0])
-                problem = update_problem(self.reference, arrays)
-                if problem:
-                    self._fail(server_round, step, site, problem)
-                    continue
-                # Aggregate in float32 whatever the wire dtype was (repacked only when needed).
-                if any(v.dtype == np.float16 for v in arrays.values()):
-                    key = next(iter(msg.content.array_records.keys()))
-                    msg.content[key] = to_record(
-                        {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
-                    )
+            if check_arrays and (problem := self._update_problem(msg)):
+                self._fail(server_round, step, site, problem)
+                continue
             kept.append(msg)
         kept.sort(key=self.site_of)  # a fixed order makes the float sums, hence resumed runs, reproducible
         if len(kept) + idle < self.min_sites:
@@ -214,45 +181,27 @@ class GuardedStrategy:
 
     # -- Flower hooks ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        started, clock = time.time(), time.perf_counter()
+        account = self.state.account = RoundAccount(RoundClock.for_training())
         config["phase"] = self.state.phase
         config["phase-round"] = self._absolute(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.state.last_sent = [m.metadata.dst_node_id for m in messages]
-        self.state.pending = {"started": started, "clock": clock}
         self._tally_sent("train", messages)
-        self.state.pending["train-sent-clock"] = time.perf_counter()
+        account.clock.train_sent = time.perf_counter()
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        clock = time.perf_counter()
-        pending = self.state.pending
+        replies_in = time.perf_counter()
         kept = self.screen(server_round, replies, "train", check_arrays=True)
         arrays, metrics = super().aggregate_train(server_round, kept)
         self.state.last_arrays = arrays
-        done = time.perf_counter()
-        seconds = self._seconds()
-        if "clock" in pending:
-            seconds["train"] = done - pending["clock"]
-            seconds["train-wait"] = clock - pending.get("train-sent-clock", pending["clock"])
-        seconds["aggregate"] = done - clock
-        entry = {
-            "round": self._absolute(server_round),
-            "train": dict(metrics or {}),
-            "train-sites": len(kept),
-        }
-        if "started" in pending:
-            entry["started"] = pending["started"]
-        # The same dicts as in ``pending``: the evaluate step's figures land in this entry too.
-        for key in ("seconds", "bytes", "message-bytes"):
-            entry[key] = pending.setdefault(key, {})
-        if "site-train-seconds" in pending:
-            entry["site-train-seconds"] = pending["site-train-seconds"]
-        self.state.rounds.append(entry)
+        account = self.state.account
+        account.train_done(replies_in)
+        self.state.rounds.append(account.entry(self._absolute(server_round), dict(metrics or {}), len(kept)))
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        self.state.pending["evaluate-clock"] = time.perf_counter()
+        self.state.account.clock.evaluate_begun = time.perf_counter()
         config["phase"] = self.state.phase
         config.setdefault("split", "val")
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
@@ -264,77 +213,93 @@ class GuardedStrategy:
         kept = self.screen(server_round, replies, "evaluate", check_arrays=False)
         summary = summarise_evaluation(self.state.phase, kept, self.site_of)
         metrics = MetricRecord({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        entry = None
         if self.state.rounds and self.state.rounds[-1]["round"] == self._absolute(server_round):
-            entry = self.state.rounds[-1]
-            entry["evaluate"] = summary
-        pending, done = self.state.pending, time.perf_counter()
-        seconds = self._seconds()
-        if "evaluate-clock" in pending:
-            seconds["evaluate"] = done - pending["evaluate-clock"]
-        if "clock" in pending:
-            seconds["round"] = done - pending["clock"]
+            self.state.rounds[-1]["evaluate"] = summary
+        done = self.state.account.evaluate_done()
         if self.state.last_arrays is not None:
             self.on_round_end(self._absolute(server_round), self.state.last_arrays, summary)
-            seconds["on-round-end"] = time.perf_counter() - done  # after the metrics line: results.json only
+            # Measured after the metrics line is written: it reaches results.json only.
+            self.state.account.seconds["on-round-end"] = time.perf_counter() - done
         return metrics
 
 
-def short_reason(reason: str, limit: int = 300) -> str:
-    """The useful line of an error reply (Flower/Ray wrap a site's error in tracebacks)."""
-    found = re.search(r"site [\w.-]+: [^\n'\\]+", reason)
-    text = found.group(0) if found else reason.strip().splitlines()[-1] if reason.strip() else "unknown error"
-    return text[:limit]
+class GuardedFedAvg(GuardedStrategy, FedAvg):
+    """FedAvg: the example-weighted mean of the sites' weights."""
 
 
-def summarise_evaluation(phase: str, replies: list[Message], site_of: Callable[[Message], str]) -> dict:
-    """Pool the sites' evaluation replies: sums of histograms and confusion counts (stage phase),
-    example-weighted means (pretraining phase), and each site's own figures."""
-    per_site: dict[str, dict] = {}
-    total = 0.0
-    for msg in replies:
-        record = next(iter(msg.content.metric_records.values()))
-        per_site[site_of(msg)] = {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
-        total += float(record["num-examples"])
-    summary: dict = {"num-examples": total, "sites": {}}
-    if phase == "stage":
-        hists = [np.asarray(s["score-histogram"], dtype=np.float64) for s in per_site.values()]
-        confs = [np.asarray(s["confusion"], dtype=np.float64) for s in per_site.values()]
-        if hists:
-            summary.update(pooled_staging_metrics(sum(hists), sum(confs)))
-            summary["score-histogram"] = sum(hists).tolist()
-        for name, s in per_site.items():
-            summary["sites"][name] = {k: v for k, v in s.items() if not isinstance(v, list)}
-    else:
-        for key in ("mae-hu", "psnr", "ssim"):
-            if total > 0:
-                summary[key] = (
-                    sum(float(s[key]) * float(s["num-examples"]) for s in per_site.values()) / total
-                )
-        summary["sites"] = per_site
-    return summary
+class GuardedFedProx(GuardedStrategy, FedProx):
+    """FedProx: FedAvg on the server; the sites add ``proximal-mu`` times the proximal term."""
+
+    def __init__(
+        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
+    ):
+        super().__init__(state, cfg, reference, on_round_end, proximal_mu=cfg.proximal_mu)
 
 
-def build_strategy(cfg: RunConfig) -> GuardedStrategy:
-    """A Flower strategy of the configured kind, wrapped by :class:`GuardedStrategy`.
+class _ServerOptimiser(GuardedStrategy):
+    """FedAdam, FedYogi, FedAdagrad: the server steps with learning rate ``server-lr``."""
 
-    Every connected site is asked each round; a round needs ``min-sites`` usable replies.
-    """
-    base = BASES[cfg.strategy]
-    cls = type(f"Guarded{base.__name__}", (GuardedStrategy, base), {})
-    common = dict(
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_train_nodes=cfg.min_sites,
-        min_evaluate_nodes=cfg.min_sites,
-        min_available_nodes=cfg.min_sites,
+    def __init__(
+        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
+    ):
+        super().__init__(state, cfg, reference, on_round_end, eta=cfg.server_lr, eta_l=cfg.stage_lr)
+
+
+class GuardedFedAdam(_ServerOptimiser, FedAdam):
+    """FedAdam: Adam on the server over the mean update."""
+
+
+class GuardedFedYogi(_ServerOptimiser, FedYogi):
+    """FedYogi: Yogi on the server over the mean update."""
+
+
+class GuardedFedAdagrad(_ServerOptimiser, FedAdagrad):
+    """FedAdagrad: Adagrad on the server over the mean update."""
+
+
+class GuardedFedAvgM(GuardedStrategy, FedAvgM):
+    """FedAvgM: FedAvg with server momentum 0.9."""
+
+    def __init__(
+        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
+    ):
+        super().__init__(state, cfg, reference, on_round_end, server_learning_rate=1.0, server_momentum=0.9)
+
+
+class GuardedFedMedian(GuardedStrategy, FedMedian):
+    """FedMedian: the coordinate-wise median of the sites' weights."""
+
+
+class GuardedFedTrimmedAvg(GuardedStrategy, FedTrimmedAvg):
+    """FedTrimmedAvg: the coordinate-wise mean without the ``trimmed-beta`` tails."""
+
+    def __init__(
+        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
+    ):
+        super().__init__(state, cfg, reference, on_round_end, beta=cfg.trimmed_beta)
+
+
+# Run-config strategy name -> class, in the order of common.config.STRATEGIES (where names are listed).
+_BY_NAME: dict[str, type[GuardedStrategy]] = {
+    "fedavg": GuardedFedAvg,
+    "fedprox": GuardedFedProx,
+    "fedadam": GuardedFedAdam,
+    "fedyogi": GuardedFedYogi,
+    "fedadagrad": GuardedFedAdagrad,
+    "fedavgm": GuardedFedAvgM,
+    "fedmedian": GuardedFedMedian,
+    "fedtrimmedavg": GuardedFedTrimmedAvg,
+}
+if set(_BY_NAME) != set(STRATEGIES):  # not an assert: it must hold under python -O too
+    raise ImportError(
+        f"server/strategy.py offers {sorted(_BY_NAME)} but common.config.STRATEGIES lists {sorted(STRATEGIES)}: "
+        "add or remove the Guarded class so that both agree"
     )
-    if cfg.strategy == "fedprox":
-        return cls(**common, proximal_mu=cfg.proximal_mu)
-    if cfg.strategy in ("fedadam", "fedyogi", "fedadagrad"):
-        return cls(**common, eta=cfg.server_lr, eta_l=cfg.stage_lr)
-    if cfg.strategy == "fedavgm":
-        return cls(**common, server_learning_rate=1.0, server_momentum=0.9)
-    if cfg.strategy == "fedtrimmedavg":
-        return cls(**common, beta=cfg.trimmed_beta)
-    return cls(**common)
+GUARDED: dict[str, type[GuardedStrategy]] = {name: _BY_NAME[name] for name in STRATEGIES}
+
+
+def build_strategy(
+    cfg: RunConfig, state: PhaseState, reference: dict[str, np.ndarray], on_round_end: RoundEnd | None = None
+) -> GuardedStrategy:
+    """The guarded Flower strategy named by run-config ``strategy`` (see :class:`GuardedStrategy`)."""
+    return GUARDED[cfg.strategy](state, cfg, reference, on_round_end)

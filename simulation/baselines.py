@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import RunConfig
+from common.progress import progress_bar
 
 
 def _job(name: str, site_dirs: list[Path], cfg: RunConfig) -> tuple[str, dict, float]:
@@ -50,9 +51,13 @@ def run_baselines(cfg: RunConfig, site_dirs: list[Path], workers: int = 2) -> tu
     central: dict = {}
     local: dict[str, dict] = {}
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with (
+        ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool,
+        progress_bar("baselines", len(jobs)) as bar,
+    ):
         futures = [pool.submit(_job, name, dirs, cfg) for name, dirs in jobs.items()]
         for future in as_completed(futures):
+            bar.advance()
             name, result, seconds = future.result()
             auroc = result.get("pooled", {}).get("macro_auroc", float("nan"))
             label = "centralized (pooled sites)" if name == "centralized" else f"local-only {name}"

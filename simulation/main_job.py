@@ -15,39 +15,111 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+from common.config import RunConfig, load_run_config  # noqa: E402
+from common.progress import progress_bar  # noqa: E402
 from simulation.baselines import pooled_local_auroc, run_baselines  # noqa: E402
 
 log = logging.getLogger("onfh.simulate")
+PRESET = Path(__file__).resolve().parent.parent / "presets" / "default.toml"
 
 
-def run_federated(cfg, n_sites: int) -> dict:
-    """Both phases in Flower's simulation runtime; returns the server's results.json content."""
-    import warnings
+class _NoRunSimulationNotice(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated (Flower 1.42 has no in-process
+    successor; ``flwr run`` needs a SuperLink). Every other Flower record passes."""
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith("DEPRECATED FEATURE")
+            and any("`run_simulation`" in str(arg) for arg in record.args or ())
+        )
+
+
+@contextmanager
+def _quiet_third_party() -> Iterator[None]:
+    """Silence the two notices a user cannot act on, precisely: Flower's deprecation of
+    ``run_simulation`` (a log record) and Ray's FutureWarnings from ``ray.init``."""
+    notice = _NoRunSimulationNotice()
+    flower = logging.getLogger("flwr")
+    flower.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\._private\.worker")
+            yield
+    finally:
+        flower.removeFilter(notice)
+
+
+def backend_config(n_sites: int, ray_address: str | None = None) -> dict:
+    """Flower's Ray backend settings; ``init_args`` are passed to ``ray.init`` as they are."""
     import torch
+
+    # One CPU per simulated site; with a GPU, two sites share it (training uses AMP there).
+    resources = {"num_cpus": 1, "num_gpus": 0.5 if torch.cuda.is_available() else 0.0}
+    if ray_address:
+        # Ray refuses num_cpus when joining a cluster: the cluster's own resources apply.
+        return {"client_resources": resources, "init_args": {"address": ray_address}}
+    return {"client_resources": resources, "init_args": {"num_cpus": min(os.cpu_count() or 1, n_sites)}}
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        return sum(1 for _ in path.open())
+    except OSError:
+        return 0
+
+
+@contextmanager
+def _rounds_bar(cfg: RunConfig) -> Iterator[None]:
+    """A bar over the run's rounds, advanced as the server appends them to ``metrics.jsonl``."""
+    total = (cfg.pretrain_rounds if cfg.pretrained else 0) + cfg.stage_rounds
+    metrics, stop = cfg.run_dir / "metrics.jsonl", threading.Event()
+    with progress_bar("federated rounds", total) as bar:
+        seen = _count_lines(metrics)  # a resumed run keeps its earlier lines
+
+        def watch() -> None:
+            nonlocal seen
+            while not stop.wait(1.0):
+                now = _count_lines(metrics)
+                bar.advance(now - seen)
+                seen = now
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+
+
+def run_federated(cfg: RunConfig, n_sites: int, ray_address: str | None = None) -> dict:
+    """Both phases in Flower's simulation runtime; returns the server's results.json content.
+
+    ``ray_address`` joins an existing Ray cluster (``ray start --head`` on one machine, ``ray
+    start --address`` on the others) instead of starting Ray on this machine.
+    """
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
     from server.server_app import make_server_app
 
     overrides = cfg.to_dict()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with _quiet_third_party(), _rounds_bar(cfg):
         run_simulation(
             server_app=make_server_app(overrides),
             client_app=make_client_app(overrides),
             num_supernodes=n_sites,
-            backend_config={
-                # One CPU per simulated site; with a GPU, two sites share it (training uses AMP there).
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.5 if torch.cuda.is_available() else 0.0},
-                "init_args": {"num_cpus": min(os.cpu_count() or 1, n_sites)},
-            },
+            backend_config=backend_config(n_sites, ray_address),
         )
     results_path = cfg.run_dir / "results.json"
     if not results_path.exists():
@@ -55,7 +127,7 @@ def run_federated(cfg, n_sites: int) -> dict:
     return json.loads(results_path.read_text())
 
 
-def _preprocess_site(site_dir: Path, cfg) -> str:
+def _preprocess_site(site_dir: Path, cfg: RunConfig) -> str:
     import torch
 
     from common.sitedata.load import load_site
@@ -77,16 +149,20 @@ def _preprocess_site(site_dir: Path, cfg) -> str:
     )
 
 
-def preprocess_sites(cfg, site_dirs: list[Path], workers: int = 2) -> None:
+def preprocess_sites(cfg: RunConfig, site_dirs: list[Path], workers: int = 2) -> None:
     """Fill every site's cache, one process per site at a time (each site sees only its own data)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(site_dirs)), mp_context=get_context("spawn")
-    ) as pool:
+    with (
+        ProcessPoolExecutor(
+            max_workers=min(workers, len(site_dirs)), mp_context=get_context("spawn")
+        ) as pool,
+        progress_bar("preprocessing sites", len(site_dirs)) as bar,
+    ):
         for future in as_completed([pool.submit(_preprocess_site, d, cfg) for d in site_dirs]):
             print("      " + future.result(), flush=True)
+            bar.advance()
 
 
 def comparison_table(federated: dict, central: dict, local: dict[str, dict]) -> tuple[list[str], list[list]]:
@@ -158,8 +234,11 @@ def plot_comparison(header: list[str], rows: list[list], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="onfh simulate", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onfh simulate",
+        description="The main job: a federation of synthetic hospitals, in one command.",
+    )
     parser.add_argument("--sites", type=int, default=4, help="synthetic hospitals (default 4)")
     parser.add_argument("--patients", type=int, default=30, help="patients per hospital (default 30)")
     parser.add_argument("--seed", type=int, default=0)
@@ -168,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=Path("data/federation"), help="where the hospitals are written"
     )
     parser.add_argument(
-        "--config", type=Path, default=None, help="TOML preset of run-config keys (presets/*.toml)"
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML preset of run-config keys (default presets/default.toml)",
     )
     parser.add_argument("--run-name", default=None, help="output folder name under outputs/ (default: dated)")
     parser.add_argument(
@@ -177,8 +259,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the centralized and local-only baselines"
     )
-    args = parser.parse_args(argv)
-    # Our own progress lines; Flower's logger prints its own (a root handler would print it twice).
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="join an existing Ray cluster (e.g. HEAD_IP:6379, or 'auto') instead of starting Ray here",
+    )
+    return parser
+
+
+def simulate_config(args: argparse.Namespace) -> RunConfig:
+    """The run settings of ``onfh simulate ARGS``: the preset, then the command line's choices.
+
+    Raises:
+        ValueError: the preset or a value is invalid (the message names it).
+    """
+    preset = args.config or PRESET
+    return load_run_config(
+        preset if preset.exists() else None,
+        seed=args.seed,
+        data_root=str(args.data.resolve()),
+        run_name=args.run_name or time.strftime("simulate-%Y%m%d-%H%M%S"),
+        resume=args.resume,
+        cache_dir=str(Path(".cache/onfh").resolve()),
+        output_dir=str(Path("outputs").resolve()),
+    )
+
+
+def _log_progress_lines() -> None:
+    """Our own progress lines; Flower's logger prints its own (a root handler would print it twice)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     onfh_log = logging.getLogger("onfh")
@@ -186,52 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     onfh_log.setLevel(logging.INFO)
     onfh_log.propagate = False
 
-    from common.training.centralized import load_run_config
-    from simulation.synth import generate_federation
 
-    started = time.time()
-    preset = args.config or Path(__file__).resolve().parent.parent / "presets" / "default.toml"
-    run_name = args.run_name or time.strftime("simulate-%Y%m%d-%H%M%S")
-    if args.resume and not args.run_name:
-        print("onfh simulate: --resume needs --run-name of the interrupted run", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_run_config(
-            preset if preset.exists() else None,
-            seed=args.seed,
-            data_root=str(args.data.resolve()),
-            run_name=run_name,
-            resume=args.resume,
-            cache_dir=str(Path(".cache/onfh").resolve()),
-            output_dir=str(Path("outputs").resolve()),
-        )
-    except ValueError as exc:
-        print(f"onfh simulate: {exc}", file=sys.stderr)
-        return 2
-
-    print(f"[1/4] synthetic hospitals: {args.sites} sites x {args.patients} patients -> {args.data}")
-    generate_federation(args.data, sites=args.sites, patients=args.patients, seed=args.seed, size=args.size)
-    site_dirs = sorted(p for p in args.data.iterdir() if p.is_dir() and p.name.startswith("site-"))[
-        : args.sites
-    ]
-
-    print("[2/4] preprocessing each site into its own cache (sites side by side, as in a real federation)")
-    preprocess_sites(cfg, site_dirs)
-
-    print(
-        f"[3/4] federated training in Flower's simulation runtime ({cfg.strategy}, "
-        f"{cfg.pretrain_rounds} pretraining + {cfg.stage_rounds} staging rounds) -> {cfg.run_dir}"
-    )
-    t0 = time.time()
-    federated = run_federated(cfg, len(site_dirs))
-    fed_seconds = time.time() - t0
-
-    central: dict = {}
-    local: dict[str, dict] = {}
-    if not args.no_baselines:
-        print("[4/4] centralized and local-only baselines on the same splits", flush=True)
-        central, local = run_baselines(cfg, site_dirs)
-
+def report(cfg: RunConfig, federated: dict, central: dict, local: dict, seconds: dict) -> None:
+    """Write comparison.json/.md/.png beside the run's results and print the table."""
     header, rows = comparison_table(federated, central, local)
     table = format_table(header, rows)
     fed_pooled, central_pooled = rows[-1][2], rows[-1][3]
@@ -239,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "table": {"header": header, "rows": rows},
         "federated-over-centralized": ratio,
-        "federated-seconds": fed_seconds,
-        "total-seconds": time.time() - started,
+        "federated-seconds": seconds["federated"],
+        "total-seconds": seconds["total"],
         "failures": federated.get("failures", []),
     }
     (cfg.run_dir / "comparison.json").write_text(json.dumps(summary, indent=2))
@@ -253,6 +319,46 @@ def main(argv: list[str] | None = None) -> int:
     if summary["failures"]:
         print(f"\n{len(summary['failures'])} site failures recorded in {cfg.run_dir / 'results.json'}")
     print(f"\ndone in {summary['total-seconds'] / 60:.1f} min; outputs in {cfg.run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _log_progress_lines()
+    from simulation.synth.federation import generate_federation
+
+    started = time.time()
+    if args.resume and not args.run_name:
+        print("onfh simulate: --resume needs --run-name of the interrupted run", file=sys.stderr)
+        return 2
+    try:
+        cfg = simulate_config(args)
+    except ValueError as exc:
+        print(f"onfh simulate: {exc}", file=sys.stderr)
+        return 2
+
+    print(f"[1/4] synthetic hospitals: {args.sites} sites x {args.patients} patients -> {args.data}")
+    generate_federation(args.data, sites=args.sites, patients=args.patients, seed=args.seed, size=args.size)
+    site_dirs = sorted(p for p in args.data.iterdir() if p.is_dir() and p.name.startswith("site-"))
+    site_dirs = site_dirs[: args.sites]
+
+    print("[2/4] preprocessing each site into its own cache (sites side by side, as in a real federation)")
+    preprocess_sites(cfg, site_dirs)
+
+    where = f"Ray cluster {args.ray_address}" if args.ray_address else "Ray on this machine"
+    print(
+        f"[3/4] federated training in Flower's simulation runtime ({cfg.strategy}, "
+        f"{cfg.pretrain_rounds} pretraining + {cfg.stage_rounds} staging rounds, {where}) -> {cfg.run_dir}"
+    )
+    t0 = time.time()
+    federated = run_federated(cfg, len(site_dirs), args.ray_address)
+    fed_seconds = time.time() - t0
+
+    central: dict = {}
+    local: dict[str, dict] = {}
+    if not args.no_baselines:
+        print("[4/4] centralized and local-only baselines on the same splits", flush=True)
+        central, local = run_baselines(cfg, site_dirs)
+    report(cfg, federated, central, local, {"federated": fed_seconds, "total": time.time() - started})
     return 0
 
 

@@ -13,7 +13,7 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 @pytest.fixture(scope="session")
 def tiny_federation(tmp_path_factory) -> Path:
     """Two synthetic hospitals, six patients each, tiny images (DICOM + labels.csv + truth)."""
-    from simulation.synth import generate_federation
+    from simulation.synth.federation import generate_federation
 
     out = tmp_path_factory.mktemp("federation")
     return generate_federation(out, sites=2, patients=6, seed=0, size="tiny")

@@ -9,13 +9,10 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from common.problems import ProblemLog
 
-if TYPE_CHECKING:
-    from common.sitedata.dicom_io import SiteScan
-
+LABELS_FILE = "labels.csv"  # in the site folder
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 REQUIRED_COLUMNS: tuple[str, ...] = ("patient_id", "side", "arco_stage")
 CENTRE_COLUMNS: tuple[str, ...] = ("fh_x_mm", "fh_y_mm", "fh_z_mm")
@@ -198,29 +195,6 @@ def _parse_row(cells: dict[str, str], line: int, where: str, log: ProblemLog) ->
             return None
         centre = values
     return HipLabel(patient_id=patient_id, side=side, stage=stage, centre_mm=centre, line=line)
-
-
-def check_labels_against_scan(
-    labels: list[HipLabel], scan: SiteScan, log: ProblemLog, name: str = "labels.csv"
-) -> None:
-    """Note labels whose patient has no study in ``scan`` (by line, never by ID), and count
-    scanned patients without any label."""
-    for label in labels:
-        if label.patient_id not in scan.patients:
-            log.add(
-                f"{name}:{label.line}",
-                "patient_id matches no study in the DICOM folder; label not used",
-                "check the patient_id against the PatientID of the DICOM export, or add the study",
-            )
-    labelled = {label.patient_id for label in labels}
-    unlabelled = [pid for pid in scan.patients if pid not in labelled]
-    if unlabelled:
-        log.add(
-            name,
-            f"{len(unlabelled)} of {len(scan.patients)} patients have no label row; their hips are unlabelled",
-            "nothing to do if intended (usable for pretraining); otherwise add rows",
-            "info",
-        )
 
 
 def _unit_hash(key: str, seed: int) -> float:

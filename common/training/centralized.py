@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import RunConfig
+from common.config import RunConfig, load_run_config
 from common.models.factory import build_staging, build_translation
 from common.models.staging import StagingNet
 from common.models.transfer import load_pretrained_encoder
@@ -257,33 +256,6 @@ def main(argv: list[str] | None = None) -> int:
         save_model(net, cfg, args.out / name, results)
         print(f"{name}: {_auroc_line(results['test'].get('pooled', {}))} -> {args.out / name}")
     return 2 if failed else 0
-
-
-def load_run_config(path: Path | None, **overrides: Any) -> RunConfig:
-    """Defaults, then a TOML preset (flat run-config keys), then keyword overrides.
-
-    Args:
-        path: a TOML file of kebab-case run-config keys (``presets/*.toml``), or None.
-        overrides: snake_case or kebab-case run-config keys, applied last.
-
-    Raises:
-        ValueError: the file is missing or not TOML, or a key or value is invalid (the message
-            names the file, the key and the fix).
-    """
-    raw: dict = {}
-    if path is not None:
-        if not path.is_file():
-            raise ValueError(f"config preset {path} not found; see presets/ for examples")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config preset {path} is not valid TOML ({exc})") from None
-    raw.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    try:
-        return RunConfig.from_dict(raw)
-    except (ValueError, TypeError) as exc:
-        where = f" in {path}" if path is not None else ""
-        raise ValueError(f"{exc}{where}") from None
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +12,7 @@ from sklearn.metrics import log_loss
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from common.config import TrainConfig
 from common.models.translation import TranslationLoss
 from common.training.augmentation import BatchAugmentation
 from common.training.datasets import dataset_class_indices
@@ -20,53 +20,6 @@ from common.training.device import autocast_context, grad_scaler, seed_everythin
 from common.training.metrics import macro_auroc, translation_metrics
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one local training call (one federated round, or the centralized run).
-
-    Attributes:
-        epochs: passes over the local training set.
-        lr, weight_decay: AdamW settings.
-        batch_size: hips (staging) or slice pairs (translation) per step.
-        class_weighted: weight the cross entropy by inverse training-class frequency.
-        augment: augment every training batch on the device (``common.training.augmentation``).
-        seed: seeds torch/numpy/random and the shuffling order.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        amp: mixed precision (bf16, or fp16 with a GradScaler) on CUDA; ignored on CPU.
-        num_workers: DataLoader worker processes (0 = load in the training process).
-        proximal_mu: FedProx coefficient; > 0 adds ``mu/2 * ||w - w_ref||^2``.
-        select_on_val: with a validation set, keep the weights of the epoch with the best
-            validation macro AUROC (ties and undefined AUROC broken by lower validation loss).
-    """
-
-    epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 8
-    weight_decay: float = 1e-4
-    class_weighted: bool = True
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    num_workers: int = 0
-    proximal_mu: float = 0.0
-    select_on_val: bool = True
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"TrainConfig needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
-            )
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError(
-                f"TrainConfig needs batch_size >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}"
-            )
-        if self.proximal_mu < 0:
-            raise ValueError(f"TrainConfig.proximal_mu must be >= 0, got {self.proximal_mu}")
 
 
 def proximal_term(net: nn.Module, reference: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
@@ -284,6 +237,44 @@ def _validation_score(
     return macro_auroc(probs, labels), val_loss
 
 
+def _class_weights(net: nn.Module, train_ds: Dataset, class_weighted: bool) -> torch.Tensor:
+    n_classes = getattr(net, "n_classes", 4)
+    if not class_weighted:
+        return torch.ones(n_classes)
+    return staging_class_weights(dataset_class_indices(train_ds), n_classes)
+
+
+def _staging_epoch(
+    net: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    step: Callable[[torch.Tensor], None],
+    augmentation: BatchAugmentation | None,
+    device: torch.device,
+    amp: bool,
+) -> tuple[float, float, float]:
+    """One pass over ``loader``; returns (mean loss, accuracy, seconds blocked on the loader)."""
+    net.train()
+    waited = 0.0
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    for batch, wait in _timed(loader):
+        waited += wait
+        image = batch["image"].to(device, non_blocking=True)
+        available = batch["available"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        if augmentation is not None:
+            image = augmentation.hips(image, available)
+        with autocast_context(device, amp):
+            logits = net(image, available)
+        loss = loss_fn(logits.float(), label)
+        step(loss)
+        loss_sum += loss.detach() * len(label)
+        correct += (logits.detach().argmax(dim=1) == label).sum()
+        seen += len(label)
+    _sync(device)
+    return float(loss_sum) / seen, float(correct) / seen, waited
+
+
 def train_staging(
     net: nn.Module,
     train_ds: Dataset,
@@ -310,12 +301,7 @@ def train_staging(
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
     net.to(device).train()
-    n_classes = getattr(net, "n_classes", 4)
-    class_weights = (
-        staging_class_weights(dataset_class_indices(train_ds), n_classes)
-        if cfg.class_weighted
-        else torch.ones(n_classes)
-    )
+    class_weights = _class_weights(net, train_ds, cfg.class_weighted)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights.to(device))
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = grad_scaler(device, cfg.amp)
@@ -323,31 +309,20 @@ def train_staging(
     loader = _loader(train_ds, cfg.batch_size, True, cfg.seed, cfg.num_workers, device)
     validate = val_ds is not None and len(val_ds) > 0
     augmentation = BatchAugmentation(cfg.seed) if cfg.augment else None
+
+    def step(loss: torch.Tensor) -> None:
+        _step(net, loss, reference, cfg.proximal_mu, optimizer, scaler)
+
     start, waited, looped = time.perf_counter(), 0.0, 0.0
     losses, accuracies, val_aurocs, val_losses = [], [], [], []
     best_key, best_epoch, best_state = None, cfg.epochs, None
     for epoch in range(cfg.epochs):
-        net.train()
         epoch_start = time.perf_counter()
-        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        for batch, wait in _timed(loader):
-            waited += wait
-            image = batch["image"].to(device, non_blocking=True)
-            available = batch["available"].to(device, non_blocking=True)
-            label = batch["label"].to(device, non_blocking=True)
-            if augmentation is not None:
-                image = augmentation.hips(image, available)
-            with autocast_context(device, cfg.amp):
-                logits = net(image, available)
-            loss = loss_fn(logits.float(), label)
-            _step(net, loss, reference, cfg.proximal_mu, optimizer, scaler)
-            loss_sum += loss.detach() * len(label)
-            correct += (logits.detach().argmax(dim=1) == label).sum()
-            seen += len(label)
-        _sync(device)
+        loss, accuracy, wait = _staging_epoch(net, loader, loss_fn, step, augmentation, device, cfg.amp)
+        waited += wait
         looped += time.perf_counter() - epoch_start
-        losses.append(float(loss_sum) / seen)
-        accuracies.append(float(correct) / seen)
+        losses.append(loss)
+        accuracies.append(accuracy)
         line = f"staging epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f} acc {accuracies[-1]:.3f}"
         if validate:
             auroc, val_loss = _validation_score(net, val_ds, device, cfg.batch_size)
@@ -376,9 +351,7 @@ def train_staging(
     if validate:
         kept = best_epoch - 1
         result.update(
-            val_macro_auroc=val_aurocs[kept],
-            val_loss=val_losses[kept],
-            val_macro_auroc_per_epoch=val_aurocs,
+            val_macro_auroc=val_aurocs[kept], val_loss=val_losses[kept], val_macro_auroc_per_epoch=val_aurocs
         )
     return result
 

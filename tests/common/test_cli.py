@@ -1,13 +1,46 @@
-"""The ``onfh`` prefix: lists its verbs, refuses unknown ones, and dispatches."""
+"""The ``onfh`` prefix: finds its verbs as entry points, lists them in order, refuses unknown ones, and dispatches."""
 
-from common.cli import VERBS, main
+import ast
+from pathlib import Path
+
+from common.cli import ORDER, help_line, main, plain, verbs
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_help_lists_every_verb(capsys):
+def test_help_lists_every_verb_in_order(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for verb in VERBS:
-        assert verb in out
+    table = verbs()
+    assert list(table) == list(ORDER)  # every declared verb is registered, none is left out of ORDER
+    positions = [out.index(f"  {verb} ") for verb in ORDER]
+    assert positions == sorted(positions)
+    assert "``" not in out
+
+
+def test_help_lines_come_from_the_verbs_module_docstrings():
+    point = verbs()["provision"]
+    assert point.value == "server.provision:main"
+    doc = ast.get_docstring(ast.parse((ROOT / "server" / "provision.py").read_text()))
+    assert help_line(point).lower() in plain(doc.splitlines()[0]).lower()
+
+
+def test_common_names_no_package_above_it():
+    source = (ROOT / "common" / "cli.py").read_text()
+    for package in ("simulation", "server.", "client."):
+        assert f'"{package}' not in source
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("onfh 0.")
+
+
+def test_plain_drops_rest_markup():
+    assert (
+        plain("``onfh site``: see :func:`client.daemon.main` and::")
+        == "onfh site: see client.daemon.main and:"
+    )
 
 
 def test_unknown_verb_is_refused(capsys):

@@ -1,11 +1,20 @@
 """The typed run config: defaults match pyproject, bad values are named with the fix."""
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig, SiteConfig
+from common.config import (
+    ENCODER_PRESET_NAMES,
+    FUSION_NAMES,
+    NORM_NAMES,
+    RunConfig,
+    SiteConfig,
+    load_run_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,3 +51,46 @@ def test_site_config_from_deployment_and_simulation(tmp_path):
     assert (sim.site_name, sim.data_dir) == ("site-03", tmp_path / "site-03")
     with pytest.raises(ValueError, match="data-dir"):
         SiteConfig.from_node_config({}, cfg)
+
+
+def test_settings_import_no_torch():
+    # Settings are read and validated before any network is built (CLI, server, presets).
+    code = "import common.config, sys; assert 'torch' not in sys.modules, 'common.config imports torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_model_names_equal_the_models_tables():
+    from common.models.blocks import NORMS
+    from common.models.encoder import ENCODER_PRESETS
+    from common.models.staging import FUSIONS
+
+    assert ENCODER_PRESET_NAMES == tuple(ENCODER_PRESETS)
+    assert FUSION_NAMES == FUSIONS
+    assert NORM_NAMES == NORMS
+
+
+# Where a run writes and what it is called differ on purpose between the three.
+PER_RUN_KEYS = {"run-name", "data-root", "cache-dir", "output-dir", "resume"}
+
+
+def test_one_run_budget_flwr_run_preset_and_main_job_agree():
+    from simulation.main_job import build_parser, simulate_config
+
+    raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    flwr_run = RunConfig.from_dict(raw).to_dict()
+    preset = load_run_config(ROOT / "presets" / "default.toml").to_dict()
+    main_job = simulate_config(build_parser().parse_args([])).to_dict()
+    for name, cfg in (("pyproject.toml", flwr_run), ("onfh simulate", main_job)):
+        differ = {k: (cfg[k], preset[k]) for k in preset if k not in PER_RUN_KEYS and cfg[k] != preset[k]}
+        assert not differ, f"{name} differs from presets/default.toml: {differ}"
+
+
+def test_ray_address_joins_a_cluster_without_local_resources():
+    from simulation.main_job import backend_config
+
+    local = backend_config(4)
+    assert "address" not in local["init_args"] and local["init_args"]["num_cpus"] >= 1
+    cluster = backend_config(4, "10.0.0.1:6379")
+    # ray.init refuses num_cpus/num_gpus when it joins an existing cluster
+    assert cluster["init_args"] == {"address": "10.0.0.1:6379"}
+    assert cluster["client_resources"] == local["client_resources"]

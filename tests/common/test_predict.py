@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.config import load_run_config
 from common.predict import load_model, main, predict_study
 from common.sitedata.load import load_site
-from common.training.centralized import load_run_config, save_model, train_two_phase
+from common.training.centralized import save_model, train_two_phase
 from common.training.weights import get_shared_state
 from tests.common.training.test_centralized import shared_cache, write_test_preset
 

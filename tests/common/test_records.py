@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from common.models.factory import ModelConfig, build_staging
+from common.config import ModelConfig
+from common.models.factory import build_staging
 from common.records import from_record, to_record
 from common.training.weights import get_local_state, set_shared_state
 

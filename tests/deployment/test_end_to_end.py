@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from common.deployment import stop_process_tree
 from server import provision, runs
-from server.daemon import stop_process_tree
 
 pytestmark = pytest.mark.slow
 

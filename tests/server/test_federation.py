@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.training.centralized import load_run_config
+from common.config import load_run_config
 
 PRESETS = Path(__file__).resolve().parents[2] / "presets"
 

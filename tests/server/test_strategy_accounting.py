@@ -18,8 +18,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
 from common.records import to_record
+from server.accounting import message_bytes, tensor_bytes
 from server.results import RunRecorder
-from server.strategy import PhaseState, build_strategy, message_bytes, tensor_bytes
+from server.strategy import PhaseState, build_strategy
 
 SITES = {11: "site-a", 12: "site-b"}
 
@@ -84,7 +85,6 @@ def reply(msg: Message, arrays: dict | None, metrics: dict) -> Message:
 
 def guarded(tmp_path=None):
     state = PhaseState("pretrain", sites=dict(SITES))
-    strategy = build_strategy(RunConfig())
     recorder = RunRecorder(tmp_path, {}) if tmp_path is not None else None
     ended = []
 
@@ -95,7 +95,7 @@ def guarded(tmp_path=None):
                 "pretrain", round_no, {k: v for k, v in state.rounds[-1].items() if k != "round"}
             )
 
-    strategy.guard(state, reference(), 1, on_round_end)
+    strategy = build_strategy(RunConfig(min_sites=1), state, reference(), on_round_end)
     return strategy, state, recorder, ended
 
 

@@ -20,7 +20,11 @@ from pydicom.uid import (
 )
 
 from common.sitedata.volume import Volume, affine_from_dicom
-from simulation import synth
+from simulation.synth.dicom_writer import SliceEncoder
+from simulation.synth.federation import generate_federation, main
+from simulation.synth.geometry import ORIENTATION_COSINES, PROTOCOL_ORIENTATION, rigid_matrix
+from simulation.synth.patient import generate_patient
+from simulation.synth.plan import NAMING_SCHEMES, PROTOCOL_KEYS, make_site, plan_patients
 
 SITES, PATIENTS = 4, 2
 
@@ -28,7 +32,7 @@ SITES, PATIENTS = 4, 2
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fed")
-    return synth.generate_federation(out, sites=SITES, patients=PATIENTS, seed=11, size="tiny", workers=1)
+    return generate_federation(out, sites=SITES, patients=PATIENTS, seed=11, size="tiny", workers=1)
 
 
 def _series(site_dir: Path) -> dict[tuple[str, str], list[Dataset]]:
@@ -59,7 +63,7 @@ def _truth(federation: Path, site: int) -> list[dict]:
 
 
 def _protocol_of(description: str, site: int) -> str | None:
-    names = synth.NAMING_SCHEMES[synth.make_site(site, 11, PATIENTS, "tiny").naming]
+    names = NAMING_SCHEMES[make_site(site, 11, PATIENTS, "tiny").naming]
     keys = [k for k, v in names.items() if v == description]
     return keys[0] if keys else None
 
@@ -101,15 +105,15 @@ def test_dicom_files_geometry_and_transfer_syntaxes(federation):
                 assert float(ds.RescaleIntercept) == -1024
                 continue
             key = _protocol_of(ds.SeriesDescription, site)
-            if key not in synth.PROTOCOL_KEYS:
+            if key not in PROTOCOL_KEYS:
                 continue  # localiser, DWI
             seen.add((patient_id, key))
             assert (
                 tuple(float(v) for v in ds.ImageOrientationPatient)
-                == synth.ORIENTATION_COSINES[synth.PROTOCOL_ORIENTATION[key]]
+                == ORIENTATION_COSINES[PROTOCOL_ORIENTATION[key]]
             )
             volume = _volume(datasets)
-            assert volume.orientation == synth.PROTOCOL_ORIENTATION[key]
+            assert volume.orientation == PROTOCOL_ORIENTATION[key]
             # Every protocol covers the hip crop (64 mm in-plane, 40 mm through-plane) of both heads.
             for side in "LR":
                 centre = np.array(truth[patient_id]["hips"][side]["centre_mm"])
@@ -156,7 +160,7 @@ def test_ct_offset_is_rigid_and_maps_mr_to_ct(federation):
             np.testing.assert_allclose(rotation.T @ rotation, np.eye(3), atol=1e-5)
             assert np.linalg.det(rotation) == pytest.approx(1.0, abs=1e-5)
             np.testing.assert_allclose(
-                matrix, synth.rigid_matrix(offset["rotation_deg"], offset["translation_mm"]), atol=1e-5
+                matrix, rigid_matrix(offset["rotation_deg"], offset["translation_mm"]), atol=1e-5
             )
             assert (
                 np.linalg.norm(offset["translation_mm"]) <= 10.0 + 1e-6
@@ -184,12 +188,12 @@ def test_ct_offset_is_rigid_and_maps_mr_to_ct(federation):
 
 
 def test_same_seed_gives_identical_files(tmp_path):
-    site = synth.make_site(2, 5, 1, "tiny")  # RLE site with date-nested folders
-    plan = synth.plan_patients(site, 5)[0]
+    site = make_site(2, 5, 1, "tiny")  # RLE site with date-nested folders
+    plan = plan_patients(site, 5)[0]
     contents = []
     for name in ("a", "b"):
         out = tmp_path / name
-        synth.generate_patient(out, site, plan, 5, "tiny")
+        generate_patient(out, site, plan, 5, "tiny")
         contents.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()})
     assert contents[0] == contents[1] and len(contents[0]) > 10
 
@@ -197,17 +201,14 @@ def test_same_seed_gives_identical_files(tmp_path):
 def test_reuse_and_refusal(federation, tmp_path, capsys):
     manifest = federation / "federation.json"
     before = manifest.stat().st_mtime_ns
-    assert (
-        synth.generate_federation(federation, sites=SITES, patients=PATIENTS, seed=11, size="tiny")
-        == federation
-    )
+    assert generate_federation(federation, sites=SITES, patients=PATIENTS, seed=11, size="tiny") == federation
     assert manifest.stat().st_mtime_ns == before
     assert "reusing" in capsys.readouterr().out
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):
-        synth.generate_federation(foreign, sites=1, patients=1, size="tiny")
+        generate_federation(foreign, sites=1, patients=1, size="tiny")
 
 
 @pytest.mark.parametrize(
@@ -225,7 +226,7 @@ def test_slice_encoder_matches_pydicom_save_as(tmp_path, syntax):
     series.Rows, series.Columns = 6, 5
     series.BitsAllocated, series.BitsStored, series.HighBit, series.PixelRepresentation = 16, 12, 11, 0
     series.RescaleSlope, series.RescaleIntercept = "1.25", "0"
-    encoder = synth.SliceEncoder(series, syntax)
+    encoder = SliceEncoder(series, syntax)
     pixels = (np.arange(30).reshape(6, 5) * 97 % 4096).astype(np.uint16)
     per_slice = Dataset()
     per_slice.SOPInstanceUID = "1.2.3.4"
@@ -256,25 +257,25 @@ def test_slice_encoder_matches_pydicom_save_as(tmp_path, syntax):
 def test_series_names_map_to_protocol_keys_with_default_rules():
     protocols = pytest.importorskip("common.sitedata.protocols")
     rules = protocols.ProtocolRules.default()
-    for names in synth.NAMING_SCHEMES:
+    for names in NAMING_SCHEMES:
         for key, description in names.items():
-            orientation = synth.PROTOCOL_ORIENTATION.get(key, "AX" if key == "DWI" else "COR")
-            expected = key if key in synth.PROTOCOL_KEYS else None
+            orientation = PROTOCOL_ORIENTATION.get(key, "AX" if key == "DWI" else "COR")
+            expected = key if key in PROTOCOL_KEYS else None
             assert rules.match(description, orientation, "MR") == expected, description
 
 
 def test_cli_writes_a_site(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert synth.main(["--sites", "1", "--patients", "1", "--size", "tiny", "--workers", "1", str(out)]) == 0
+    assert main(["--sites", "1", "--patients", "1", "--size", "tiny", "--workers", "1", str(out)]) == 0
     assert (out / "site-00" / "labels.csv").is_file() and (out / "site-00.truth.json").is_file()
     assert "site-00" in capsys.readouterr().out
-    assert synth.main(["--size", "tiny", str(tmp_path / "cli" / "site-00")]) == 2  # non-empty foreign folder
+    assert main(["--size", "tiny", str(tmp_path / "cli" / "site-00")]) == 2  # non-empty foreign folder
 
 
 def test_site_plans_have_unique_ids_skewed_stages_and_missing_protocols():
     for index in range(4):
-        site = synth.make_site(index, 0, 200, "default")
-        plans = synth.plan_patients(site, 0)
+        site = make_site(index, 0, 200, "default")
+        plans = plan_patients(site, 0)
         assert len({p.patient_id for p in plans}) == 200
         with_ct = sum(p.has_ct for p in plans) / 200
         assert 0.6 < with_ct < 0.95

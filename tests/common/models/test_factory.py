@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from common.models.factory import (
-    ModelConfig,
-    build_staging,
-    build_translation,
-    count_parameters,
-    norm_layer_types,
-    norm_state_keys,
-)
+from common.config import ModelConfig
+from common.models.factory import build_staging, build_translation, count_parameters, norm_layer_types
 from common.models.staging import StagingNet
 from common.models.translation import TranslationUNet
+from common.training.weights import local_norm_keys
 
 
 @pytest.mark.parametrize("preset", ["cpu-small", "vgg16"])
@@ -57,9 +52,9 @@ def test_cpu_small_is_small():
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance", "group"])
-def test_norm_state_keys_select_norm_modules_by_type(norm):
+def test_local_norm_keys_select_norm_modules_by_type(norm):
     staging = build_staging(ModelConfig(norm=norm))
-    keys = norm_state_keys(staging)
+    keys = local_norm_keys(staging)
     modules = dict(staging.named_modules())
     assert keys
     for key in keys:

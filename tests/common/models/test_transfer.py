@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.models.factory import ModelConfig, build_staging, build_translation
+from common.config import ModelConfig
+from common.models.factory import build_staging, build_translation
 from common.models.transfer import encoder_state_from_translation, load_pretrained_encoder
 
 

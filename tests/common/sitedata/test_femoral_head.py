@@ -134,11 +134,11 @@ def test_rejects_bad_radius_range():
 @pytest.fixture(scope="module")
 def synthetic_site(tmp_path_factory):
     """A tiny synthetic hospital written as DICOM by ``simulation.synth``, read back by
-    ``common.sitedata.dicom_io``: ``(scan, truth by patient id)``."""
+    ``common.sitedata.dicom``: ``(scan, truth by patient id)``."""
     import json
 
-    from common.sitedata.dicom_io import scan_site
-    from simulation.synth import generate_federation
+    from common.sitedata.dicom import scan_site
+    from simulation.synth.federation import generate_federation
 
     out = generate_federation(
         tmp_path_factory.mktemp("federation"), sites=1, patients=3, seed=0, size="tiny", workers=1
@@ -148,7 +148,7 @@ def synthetic_site(tmp_path_factory):
 
 
 def test_phantom_heads_found_within_target(synthetic_site):
-    from common.sitedata.dicom_io import load_volume
+    from common.sitedata.dicom import load_volume
 
     scan, truth = synthetic_site
     errors = []

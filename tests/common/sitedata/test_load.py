@@ -13,9 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.sitedata.dicom_io import scan_site
+from common.sitedata.cache import CACHE_VERSION
+from common.sitedata.dicom import scan_site
 from common.sitedata.labels import split_patients
-from common.sitedata.load import SiteData, load_site, patient_key, split_id
+from common.sitedata.load import PREPROCESSING_MODULES, SiteData, load_site, patient_key, split_id
 
 # Femoral-head centre error targets (issue 2), mm.
 CENTRE_MEDIAN_MM = 2.0
@@ -171,6 +172,23 @@ def test_cache_holds_no_identifier(small):
     assert identifiers_in_cache(small["cache"], identifiers) == []
 
 
+def test_cache_bucket_says_what_produced_it(small):
+    (bucket,) = [p for p in small["cache"].iterdir() if p.is_dir()]
+    described = json.loads((bucket / "settings.json").read_text())
+    assert described["cache_version"] == CACHE_VERSION and bucket.name.startswith(f"v{CACHE_VERSION}-")
+    assert described["settings_fingerprint"] in bucket.name and described["code_fingerprint"] in bucket.name
+    assert described["settings"]["anchor_protocol"] == "T1_COR"
+    assert {"common.sitedata.patient", "common.sitedata.dicom.decode"} <= set(described["code"])
+
+
+def test_every_preprocessing_module_is_fingerprinted():
+    """A new module of the site-data package changes cached hips unless it is the site check."""
+    package = Path(PREPROCESSING_MODULES[-1].__file__).parent
+    hashed = {Path(m.__file__).resolve() for m in PREPROCESSING_MODULES}
+    modules = {p.resolve() for p in package.rglob("*.py") if p.name not in ("__init__.py", "check.py")}
+    assert modules - hashed == set()
+
+
 def test_touched_file_reprocesses_only_its_patient(small, tmp_path):
     site_dir, cache = clone(small["site_dir"], small["cache"], tmp_path)
     touched_id = small["truth"][0]["patient_id"]
@@ -229,7 +247,7 @@ def test_bad_input_is_reported_and_the_rest_loads(small, tmp_path, dicom_writers
 
 
 def test_unexpected_failure_skips_the_patient(small, tmp_path, monkeypatch):
-    import common.sitedata.load as site_data
+    import common.sitedata.patient as site_data
 
     def broken(volume):
         raise RuntimeError("simulated bug in localisation")

@@ -171,9 +171,9 @@ def test_phantom_ct_offset_recovered(tmp_path):
     """DICOM written by ``simulation.synth``: the estimated MR->CT matrix matches the truth."""
     import json
 
-    from common.sitedata.dicom_io import load_volume, scan_site
+    from common.sitedata.dicom import load_volume, scan_site
     from common.sitedata.femoral_head import localize_femoral_heads
-    from simulation.synth import generate_federation
+    from simulation.synth.federation import generate_federation
 
     out = generate_federation(tmp_path / "federation", sites=1, patients=3, seed=0, size="tiny", workers=1)
     truth = {t["patient_id"]: t for t in json.loads((out / "site-00.truth.json").read_text())}

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunConfig
+from common.config import RunConfig, load_run_config
 from common.models.factory import build_staging, build_translation
 from common.models.transfer import encoder_state_from_translation
 from common.sitedata.load import SiteData, load_site
-from common.training.centralized import evaluate_sites, load_run_config, main, train_two_phase
+from common.training.centralized import evaluate_sites, main, train_two_phase
 
 REPO = Path(__file__).resolve().parents[3]
 SITES = ("site-00", "site-01")

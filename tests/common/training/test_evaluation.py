@@ -18,7 +18,8 @@ def test_pooled_from_site_sums_matches_pooled_scores():
     sites = [_site(rng, n) for n in (40, 25, 60)]
     records = [site_evaluation(p, y, bins=1000) for p, y in sites]
     pooled = pooled_staging_metrics(
-        sum(np.asarray(r["score-histogram"]) for r in records), sum(np.asarray(r["confusion"]) for r in records)
+        sum(np.asarray(r["score-histogram"]) for r in records),
+        sum(np.asarray(r["confusion"]) for r in records),
     )
     probs = np.concatenate([p for p, _ in sites])
     labels = np.concatenate([y for _, y in sites])

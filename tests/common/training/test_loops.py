@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.models.factory import ModelConfig, build_staging, build_translation
+from common.config import ModelConfig, TrainConfig
+from common.models.factory import build_staging, build_translation
 from common.training.datasets import HipDataset, PairDataset
 from common.training.device import autocast_context, grad_scaler, select_device
 from common.training.loops import (
-    TrainConfig,
     evaluate_translation,
     predict_staging,
     proximal_term,

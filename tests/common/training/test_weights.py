@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from common.models.factory import ModelConfig, build_staging
+from common.config import ModelConfig
+from common.models.factory import build_staging
 from common.training.weights import get_local_state, get_shared_state, local_norm_keys, set_shared_state
 
 

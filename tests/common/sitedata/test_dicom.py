@@ -12,7 +12,7 @@ import pytest
 from pydicom import uid
 
 from common.problems import ProblemLog
-from common.sitedata.dicom_io import (
+from common.sitedata.dicom import (
     SeriesInfo,
     decoder_hint,
     load_volume,

@@ -1,0 +1,16 @@
+"""DICOM ingestion: find series in a site folder (headers only), map them to protocols, load volumes."""
+
+from common.sitedata.dicom.decode import decoder_hint, load_volume, supported_transfer_syntaxes
+from common.sitedata.dicom.model import FrameRef, PatientScan, SeriesInfo, SiteScan
+from common.sitedata.dicom.scan import scan_site
+
+__all__ = [
+    "FrameRef",
+    "PatientScan",
+    "SeriesInfo",
+    "SiteScan",
+    "decoder_hint",
+    "load_volume",
+    "scan_site",
+    "supported_transfer_syntaxes",
+]

@@ -1,0 +1,140 @@
+"""Per-round accounting of the federation: bytes on the wire, server times, and pooled evaluations.
+
+Each round's entry (``PhaseState.rounds``, hence ``metrics.jsonl`` and ``results.json``) holds site
+names, byte counts and times only, never patient data:
+
+- ``bytes``: tensor bytes of the messages' ArrayRecords (sum of the arrays' ``nbytes`` in their
+  dtype on the wire; replies counted before the server casts float16 to float32) per site, under
+  ``train-sent``, ``train-received``, ``evaluate-sent``, ``evaluate-received``;
+- ``message-bytes``: the same messages' records as Flower counts them (``count_bytes()`` of every
+  ArrayRecord, MetricRecord and ConfigRecord: tensors plus array headers, keys, metrics, config);
+- ``seconds``: server wall-clock times of the round: ``train`` (configure_train to the end of
+  aggregate_train), ``train-wait`` (messages out to replies in: transport and the sites' work),
+  ``aggregate`` (screening and aggregation of the training replies), ``evaluate`` (configure_evaluate
+  to the end of aggregate_evaluate), ``round`` (configure_train to the end of aggregate_evaluate);
+  and, in ``results.json`` only, ``on-round-end`` (metrics line and checkpoint written after it);
+- ``started``: the round's start (Unix time); ``site-train-seconds``: each site's reported
+  ``train-seconds`` (its local training, data loading included).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from common.training.evaluation import pooled_staging_metrics
+
+
+def tensor_bytes(record: ArrayRecord) -> int:
+    """Bytes of the tensors an ArrayRecord carries, in their dtype as sent (sum of ``nbytes``)."""
+    return int(
+        sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
+    )
+
+
+def message_bytes(msg: Message) -> tuple[int, int]:
+    """``(tensor bytes, record bytes)`` of a message's content; ``(0, 0)`` for an error reply.
+
+    Tensor bytes: :func:`tensor_bytes` of every ArrayRecord. Record bytes: Flower's
+    ``count_bytes()`` of every record (serialized arrays with their headers, keys, metrics, config).
+    """
+    if not msg.has_content():
+        return 0, 0
+    content = msg.content
+    tensors = sum(tensor_bytes(r) for r in content.array_records.values())
+    return int(tensors), int(sum(r.count_bytes() for r in content.values()))
+
+
+@dataclass
+class RoundClock:
+    """The server's time marks in one round: a Unix start, then ``perf_counter`` readings (None: not yet)."""
+
+    started: float | None = None  # Unix time configure_train was entered, for the round's entry
+    train_begun: float | None = None  # configure_train entered
+    train_sent: float | None = None  # training messages built and handed to Flower
+    evaluate_begun: float | None = None  # configure_evaluate entered
+
+    @classmethod
+    def for_training(cls) -> RoundClock:
+        """A clock started now, as configure_train begins a round."""
+        return cls(started=time.time(), train_begun=time.perf_counter())
+
+
+@dataclass
+class RoundAccount:
+    """Bytes and times of the round in progress; its dicts become part of the round's entry."""
+
+    clock: RoundClock = field(default_factory=RoundClock)
+    bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    message_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    site_train_seconds: dict[str, float] = field(default_factory=dict)
+
+    def tally(self, key: str, site: str, msg: Message) -> None:
+        """Record the bytes of one message under ``key`` (e.g. ``train-sent``) for ``site``."""
+        tensors, records = message_bytes(msg)
+        self.bytes.setdefault(key, {})[site] = tensors
+        self.message_bytes.setdefault(key, {})[site] = records
+
+    def train_done(self, replies_in: float) -> None:
+        """Times of the training step, ``replies_in`` being the ``perf_counter`` reading as replies came in."""
+        done, clock = time.perf_counter(), self.clock
+        if clock.train_begun is not None:
+            self.seconds["train"] = done - clock.train_begun
+            self.seconds["train-wait"] = replies_in - (clock.train_sent or clock.train_begun)
+        self.seconds["aggregate"] = done - replies_in
+
+    def evaluate_done(self) -> float:
+        """Times of the evaluation step and of the whole round; returns the ``perf_counter`` reading."""
+        done, clock = time.perf_counter(), self.clock
+        if clock.evaluate_begun is not None:
+            self.seconds["evaluate"] = done - clock.evaluate_begun
+        if clock.train_begun is not None:
+            self.seconds["round"] = done - clock.train_begun
+        return done
+
+    def entry(self, round_no: int, train_metrics: dict, train_sites: int) -> dict:
+        """The round's entry. It shares this account's dicts, so the evaluate step's figures land in it too."""
+        entry: dict = {"round": round_no, "train": train_metrics, "train-sites": train_sites}
+        if self.clock.started is not None:
+            entry["started"] = self.clock.started
+        entry["seconds"], entry["bytes"], entry["message-bytes"] = (
+            self.seconds,
+            self.bytes,
+            self.message_bytes,
+        )
+        if self.site_train_seconds:
+            entry["site-train-seconds"] = self.site_train_seconds
+        return entry
+
+
+def summarise_evaluation(phase: str, replies: list[Message], site_of: Callable[[Message], str]) -> dict:
+    """Pool the sites' evaluation replies: sums of histograms and confusion counts (stage phase),
+    example-weighted means (pretraining phase), and each site's own figures."""
+    per_site: dict[str, dict] = {}
+    total = 0.0
+    for msg in replies:
+        record = next(iter(msg.content.metric_records.values()))
+        per_site[site_of(msg)] = {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
+        total += float(record["num-examples"])
+    summary: dict = {"num-examples": total, "sites": {}}
+    if phase == "stage":
+        hists = [np.asarray(s["score-histogram"], dtype=np.float64) for s in per_site.values()]
+        confs = [np.asarray(s["confusion"], dtype=np.float64) for s in per_site.values()]
+        if hists:
+            summary.update(pooled_staging_metrics(sum(hists), sum(confs)))
+            summary["score-histogram"] = sum(hists).tolist()
+        for name, s in per_site.items():
+            summary["sites"][name] = {k: v for k, v in s.items() if not isinstance(v, list)}
+    else:
+        for key in ("mae-hu", "psnr", "ssim"):
+            if total > 0:
+                summary[key] = (
+                    sum(float(s[key]) * float(s["num-examples"]) for s in per_site.values()) / total
+                )
+        summary["sites"] = per_site
+    return summary
