@@ -212,13 +212,14 @@ class RunConfig:
     pretrain_rounds: int = 2
     pretrain_epochs: int = 1
     pretrain_lr: float = 1e-3
-    pretrain_max_pairs: int = 1500
+    pretrain_max_pairs: int = 1000
     # Phase 2: staging
     stage_rounds: int = 8
-    stage_epochs: int = 2
+    # 4 local epochs per round: fewer left FedAvg short of the centralized model (docs/benchmarks.md)
+    stage_epochs: int = 4
     stage_lr: float = 5e-4
     # Hips per staging step (pretraining uses at least 16 pairs). Small on purpose: a site holds
-    # 15-25 labelled training hips, so a round of 2 epochs is only a few steps, and FedAvg moves
+    # 15-25 labelled training hips, so a round of 4 epochs is only a few steps, and FedAvg moves
     # the model about one site's steps per round; 4 doubles the steps at equal compute.
     batch_size: int = 4
     # Keep the weights of the round (federated) or epoch (centralized) with the best validation AUROC.

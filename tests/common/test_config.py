@@ -80,7 +80,8 @@ def test_one_run_budget_flwr_run_preset_and_main_job_agree():
     flwr_run = RunConfig.from_dict(raw).to_dict()
     preset = load_run_config(ROOT / "presets" / "default.toml").to_dict()
     main_job = simulate_config(build_parser().parse_args([])).to_dict()
-    for name, cfg in (("pyproject.toml", flwr_run), ("onfh simulate", main_job)):
+    defaults = RunConfig().to_dict()  # what `onfh train` and code that builds a RunConfig get
+    for name, cfg in (("pyproject.toml", flwr_run), ("onfh simulate", main_job), ("RunConfig()", defaults)):
         differ = {k: (cfg[k], preset[k]) for k in preset if k not in PER_RUN_KEYS and cfg[k] != preset[k]}
         assert not differ, f"{name} differs from presets/default.toml: {differ}"
 
