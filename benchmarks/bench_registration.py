@@ -32,7 +32,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
+
+try:
+    import SimpleITK as sitk
+except ImportError:  # an optional extra: only this benchmark uses it
+    raise SystemExit("bench_registration needs SimpleITK: pip install -e '.[benchmarks]'") from None
 
 from benchmarks.harness import command, machine, markdown, site_dirs, write_json
 from common.sitedata.dicom import load_volume, scan_site

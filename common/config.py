@@ -227,6 +227,8 @@ class RunConfig:
     class_weighted: bool = True
     augment: bool = True
     device: str = "auto"
+    # Experiment tracking of the server's aggregate metrics: "none" or "tensorboard" (extra [tracking])
+    tracking: str = "none"
     # Resume from the checkpoint of run ``run_name`` in ``output_dir``
     resume: bool = False
 
@@ -236,6 +238,8 @@ class RunConfig:
 
         if self.strategy not in STRATEGIES:
             bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
+        if self.tracking not in ("none", "tensorboard"):
+            bad("tracking", self.tracking, "use 'none' or 'tensorboard' (pip install -e '.[tracking]')")
         if self.update_dtype not in ("float32", "float16"):
             bad("update-dtype", self.update_dtype, "use 'float32' or 'float16'")
         for key in ("pretrain_rounds", "stage_rounds"):

@@ -59,7 +59,7 @@ class _Run:
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     """Both phases, checkpointed every round; returns the results written to ``cfg.run_dir``."""
     seed_everything(cfg.seed)
-    recorder = RunRecorder(cfg.run_dir, cfg.to_dict())
+    recorder = RunRecorder(cfg.run_dir, cfg.to_dict(), cfg.tracking)
     resume = read_checkpoint(cfg.run_dir / "checkpoint.npz") if cfg.resume else None
     history: dict[str, Any] = resume.history if resume else {"pretrain": [], "stage": [], "failures": []}
     if resume:

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 
 from common.config import STAGES  # noqa: E402
 from common.files import save_npz_atomic, write_atomic  # noqa: E402
+from server.tracking import open_tracker  # noqa: E402
 
 log = logging.getLogger("onfh.server")
 
@@ -25,9 +26,10 @@ log = logging.getLogger("onfh.server")
 class RunRecorder:
     """Appends one JSON line per round and writes the final outputs of a run."""
 
-    def __init__(self, run_dir: Path, run_config: dict) -> None:
+    def __init__(self, run_dir: Path, run_config: dict, tracking: str = "none") -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = open_tracker(tracking, run_dir)
         (run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
         self.metrics_path = run_dir / "metrics.jsonl"
         self.started = time.time()
@@ -39,6 +41,8 @@ class RunRecorder:
             logging.getLogger(name).addHandler(self.log_handler)
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
         for name in ("onfh", "flwr"):
             logging.getLogger(name).removeHandler(self.log_handler)
         self.log_handler.close()
@@ -47,6 +51,8 @@ class RunRecorder:
         line = {"phase": phase, "round": round_no, "time": time.time(), **entry}
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(_jsonable(line)) + "\n")
+        if self.tracker is not None:
+            self.tracker.round(phase, round_no, entry)
         ev = entry.get("evaluate", {})
         if phase == "stage":
             log.info(
@@ -68,6 +74,8 @@ class RunRecorder:
         path = self.run_dir / "results.json"
         write_atomic(path, json.dumps(_jsonable(results), indent=2).encode())
         save_npz_atomic(self.run_dir / "final_model.npz", model_arrays)
+        if self.tracker is not None:
+            self.tracker.final(results.get("test", {}))
         self._plots(results)
         return path
 

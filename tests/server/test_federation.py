@@ -30,7 +30,7 @@ def federated_run(tiny_federation, tmp_path_factory):
     from simulation.main_job import run_federated
 
     out = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(tiny_federation, out, run_name="e2e")
+    cfg = tiny_config(tiny_federation, out, run_name="e2e", tracking="tensorboard")
     results = run_federated(cfg, n_sites=2)
     return cfg, results
 
@@ -72,6 +72,23 @@ def test_two_phase_run_writes_results(federated_run):
     assert results["failures"] == [], results["failures"]
     model = np.load(run_dir / "final_model.npz")
     assert any(k.startswith("encoder.") for k in model.files)
+
+
+def test_tracking_store_holds_the_rounds_of_metrics_jsonl(federated_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, results = federated_run
+    events = EventAccumulator(str(cfg.run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    lines = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        for key, value in line["evaluate"].items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+                scalars = {e.step: e.value for e in events.Scalars(f"{line['phase']}/evaluate/{key}")}
+                assert scalars[line["round"]] == pytest.approx(value, rel=1e-6), (line["phase"], key)
+    assert "test/n-hips" in tags
+    assert events.Scalars("test/n-hips")[0].value == results["test"]["n-hips"]
 
 
 def test_server_outputs_hold_no_patient_identifier(federated_run, tiny_federation):
