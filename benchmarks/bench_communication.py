@@ -8,7 +8,7 @@ What it measures: the federation (Flower simulation runtime, no centralized base
 on the same synthetic hospitals with the same seed, once with ``update-dtype = "float32"`` and once
 with ``"float16"`` (sites send their weights in float16; the server casts them back to float32
 before aggregating). The bytes are those of the actual messages, counted by the server's strategy
-(``server/strategy.py``) per round and site into ``results.json``:
+(``server/accounting.py``) per round and site into ``results.json``:
 
 - **tensor bytes**: the sum of the ``nbytes`` of the arrays in a message's ArrayRecord, in the
   dtype they travel in (a reply is counted before the server's float32 cast);
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp32-model-bytes": fp32_model_bytes(cfg),
         "method": "tensor bytes = sum of array nbytes in each message's ArrayRecord as sent (replies before the "
         "server's float32 cast); record bytes = Flower count_bytes() of all records of the message; counted by "
-        "server/strategy.py per round and site",
+        "server/accounting.py per round and site",
         "runs": {},
     }
     run_both(cfg, site_dirs, results, args.out)

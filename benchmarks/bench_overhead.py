@@ -6,7 +6,7 @@ Usage (from the repository root):
 
 **Round overhead.** The federation runs once in Flower's simulation runtime (Ray, one actor per
 CPU, ``OMP_NUM_THREADS=1`` in each, as ``onfh simulate`` runs it); the server's strategy records
-each round's wall-clock times (``server/strategy.py``: ``seconds.train``, ``.evaluate``,
+each round's wall-clock times (``server/accounting.py``: ``seconds.train``, ``.evaluate``,
 ``.round`` = configure_train to the end of aggregate_evaluate, and ``.on-round-end`` = metrics line
 + checkpoint). Then the *same work without Flower*: a plain Python loop that, round by round,
 calls ``client/tasks.py``'s ``train_round`` for every site with the same global weights, run
