@@ -13,8 +13,6 @@ from client import tasks
 from common.config import RunConfig, SiteConfig
 from common.records import from_record, to_record
 
-LOCAL_KEY = "fedbn-local-{phase}"
-
 log = logging.getLogger("onfh.client")
 
 
@@ -47,11 +45,6 @@ def _setup(context: Context, overrides: dict[str, Any]) -> tuple[RunConfig, Site
     return cfg, SiteConfig.from_node_config(dict(context.node_config), cfg)
 
 
-def _local(context: Context, phase: str) -> dict | None:
-    record = context.state.array_records.get(LOCAL_KEY.format(phase=phase))
-    return from_record(record) if record is not None else None
-
-
 def _reply(msg: Message, site: SiteConfig, metrics: dict, arrays: dict | None = None) -> Message:
     content = RecordDict(
         {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-name": site.site_name})}
@@ -65,11 +58,14 @@ def handle_train(msg: Message, context: Context, overrides: dict[str, Any]) -> M
     cfg, site = _setup(context, overrides)
     config = msg.content["config"]
     phase, phase_round = str(config["phase"]), int(config["phase-round"])
+    # FedBN: the site's own normalisation layers live in its cache dir, not in ``context.state``,
+    # so that they survive a restart of the site or of the simulation (a resumed run).
+    before = tasks.load_local_layers(site, cfg, phase, before=phase_round) if cfg.fedbn else None
     arrays, metrics, local = tasks.train_round(
-        phase, site, cfg, from_record(msg.content["arrays"]), phase_round, _local(context, phase)
+        phase, site, cfg, from_record(msg.content["arrays"]), phase_round, before
     )
-    if local:
-        context.state[LOCAL_KEY.format(phase=phase)] = to_record(local)
+    if cfg.fedbn and local:
+        tasks.save_local_layers(site, cfg, phase, phase_round, local)
     return _reply(msg, site, metrics, arrays)
 
 
@@ -77,9 +73,8 @@ def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -
     cfg, site = _setup(context, overrides)
     config = msg.content["config"]
     phase, split = str(config.get("phase", "stage")), str(config.get("split", "val"))
-    metrics = tasks.evaluate_round(
-        phase, split, site, cfg, from_record(msg.content["arrays"]), _local(context, phase)
-    )
+    local = tasks.load_local_layers(site, cfg, phase) if cfg.fedbn else None
+    metrics = tasks.evaluate_round(phase, split, site, cfg, from_record(msg.content["arrays"]), local)
     return _reply(msg, site, metrics)
 
 

@@ -1,18 +1,23 @@
 """What a site does in a round, in plain Python: no Flower types cross this module's boundary.
 
 Each function takes the global weights as a ``name -> array`` dict and returns the site's
-weights and aggregate metrics (counts and means only, never per-patient values).
+weights and aggregate metrics (counts and means only, never per-patient values). Under FedBN the
+site's own normalisation layers are kept in its cache dir, per run name, phase and round, so a
+restart or a resumed run trains on with them (:func:`save_local_layers`, :func:`load_local_layers`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 
 from common.config import RunConfig, SiteConfig
+from common.files import save_npz_atomic
 from common.models.factory import build_staging, build_translation
 from common.sitedata.load import SiteData, load_site
 from common.training.datasets import HipDataset, PairDataset
@@ -60,6 +65,52 @@ def inventory(site: SiteConfig, cfg: RunConfig) -> dict[str, int]:
 def round_seed(cfg: RunConfig, phase: str, phase_round: int, site_name: str) -> int:
     """Deterministic per (run seed, phase, round, site): a resumed run repeats the same steps."""
     return (cfg.seed * 1_000_003 + zlib.crc32(f"{phase}/{phase_round}/{site_name}".encode())) % (2**31)
+
+
+def local_layers_dir(site: SiteConfig, cfg: RunConfig, phase: str) -> Path:
+    """Where FedBN keeps this site's own normalisation layers of one run and phase (never sent).
+
+    The run name comes from the server: only its plain characters name a folder of the site.
+    """
+    run = re.sub(r"[^\w.-]", "_", cfg.run_name or "run").lstrip(".") or "run"
+    return Path(site.cache_dir) / "fedbn" / run / phase
+
+
+def _saved_rounds(folder: Path) -> dict[int, Path]:
+    rounds: dict[int, Path] = {}
+    for path in folder.glob("round-*.npz"):
+        number = path.stem.removeprefix("round-")
+        if number.isdigit():
+            rounds[int(number)] = path
+    return rounds
+
+
+def load_local_layers(
+    site: SiteConfig, cfg: RunConfig, phase: str, before: int | None = None
+) -> LocalState | None:
+    """The site's FedBN layers as its latest training round left them (the latest before round
+    ``before`` when given: a round repeated after a resume starts from what the one before left)."""
+    rounds = _saved_rounds(local_layers_dir(site, cfg, phase))
+    usable = [r for r in rounds if before is None or r < before]
+    if not usable:
+        return None
+    with np.load(rounds[max(usable)]) as data:
+        return {k: data[k] for k in data.files}
+
+
+def save_local_layers(
+    site: SiteConfig, cfg: RunConfig, phase: str, phase_round: int, local: LocalState
+) -> None:
+    """Keep round ``phase_round``'s FedBN layers in the site's cache (atomically), and of the others
+    only the latest earlier round's, which a repeat of this round after a resume starts from."""
+    folder = local_layers_dir(site, cfg, phase)
+    save_npz_atomic(folder / f"round-{phase_round:04d}.npz", local)
+    rounds = _saved_rounds(folder)
+    earlier = [r for r in rounds if r < phase_round]
+    keep = {phase_round, max(earlier)} if earlier else {phase_round}
+    for number, path in rounds.items():
+        if number not in keep:  # older rounds, and later ones left by an earlier run of this name
+            path.unlink(missing_ok=True)
 
 
 def _model(phase: str, cfg: RunConfig, global_arrays: dict[str, np.ndarray], local: LocalState | None):

@@ -171,6 +171,9 @@ STRATEGIES = (
     "fedavgm",
     "fedmedian",
     "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
 )
 
 
@@ -203,7 +206,13 @@ class RunConfig:
     fedbn: bool = False
     proximal_mu: float = 0.01
     server_lr: float = 0.01
-    trimmed_beta: float = 0.2
+    # FedTrimmedAvg trims int(beta x n) replies at each end: 0.25 trims one of four sites.
+    trimmed_beta: float = 0.25
+    # Krum, Multi-Krum, Bulyan: the number of malicious sites f they are built to withstand.
+    num_malicious_sites: int = 1
+    # A training update whose L2 norm exceeds this factor x the round's median is excluded
+    # (only with 3+ replies); 0 turns the bound off.
+    update_norm_factor: float = 5.0
     min_sites: int = 1
     round_timeout_s: float = 3600.0
     update_dtype: str = "float32"
@@ -250,6 +259,10 @@ class RunConfig:
                 bad(key.replace("_", "-"), getattr(self, key), "use a number >= 1")
         if not 0.0 <= self.trimmed_beta < 0.5:
             bad("trimmed-beta", self.trimmed_beta, "use a value in [0, 0.5)")
+        if self.num_malicious_sites < 0:
+            bad("num-malicious-sites", self.num_malicious_sites, "use a number >= 0")
+        if self.update_norm_factor != 0 and not self.update_norm_factor >= 1.0:
+            bad("update-norm-factor", self.update_norm_factor, "use a factor >= 1, or 0 for no bound")
         ModelConfig(preset=self.model_preset, fusion=self.fusion, norm=self.norm)  # validates
 
     @classmethod

@@ -14,7 +14,9 @@ names, byte counts and times only, never patient data:
   to the end of aggregate_evaluate), ``round`` (configure_train to the end of aggregate_evaluate);
   and, in ``results.json`` only, ``on-round-end`` (metrics line and checkpoint written after it);
 - ``started``: the round's start (Unix time); ``site-train-seconds``: each site's reported
-  ``train-seconds`` (its local training, data loading included).
+  ``train-seconds`` (its local training, data loading included); ``update-norms``: the L2 norm of
+  each site's training update (its weights minus those sent), and ``update-norm-median`` where the
+  norm bound applied (:mod:`server.bounds`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class RoundAccount:
     message_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     site_train_seconds: dict[str, float] = field(default_factory=dict)
+    update_norms: dict[str, float] = field(default_factory=dict)  # site -> L2 norm of its training update
+    update_norm_median: float | None = None  # set when the norm bound applied (3+ replies)
 
     def tally(self, key: str, site: str, msg: Message) -> None:
         """Record the bytes of one message under ``key`` (e.g. ``train-sent``) for ``site``."""
@@ -109,6 +113,10 @@ class RoundAccount:
         )
         if self.site_train_seconds:
             entry["site-train-seconds"] = self.site_train_seconds
+        if self.update_norms:
+            entry["update-norms"] = self.update_norms
+        if self.update_norm_median is not None:
+            entry["update-norm-median"] = self.update_norm_median
         return entry
 
 

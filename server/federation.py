@@ -64,6 +64,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     history: dict[str, Any] = resume.history if resume else {"pretrain": [], "stage": [], "failures": []}
     if resume:
         log.info("resuming %s after %s round %d", cfg.run_dir, resume.phase, resume.completed_round)
+        recorder.resume_metrics(history)
     run = _Run(grid, cfg, history, recorder, {})
     history["inventory"] = _site_inventory(run)
 
@@ -196,7 +197,7 @@ def _run_phase(
     def on_round_end(round_no: int, arrays: ArrayRecord, summary: dict) -> None:
         _round_done(run, state, strategy, round_no, from_record(arrays), summary)
 
-    strategy = build_strategy(cfg, state, initial, on_round_end)
+    strategy = build_strategy(cfg, state, initial, on_round_end, inventory=run.history["inventory"])
     if resume:
         restore_optimiser_state(strategy, resume.optimiser)
     log.info(
@@ -221,7 +222,11 @@ def _round_done(
     arrays: dict[str, np.ndarray],
     summary: dict,
 ) -> None:
-    """After a round: keep the best staging weights, write the metrics line, then the checkpoint."""
+    """After a round: keep the best staging weights, write the checkpoint, then the metrics line.
+
+    The line comes last, so a kill between the two leaves it out rather than repeating it after
+    the resume (which rebuilds it from the checkpoint: :meth:`RunRecorder.resume_metrics`).
+    """
     score = summary.get("macro-auroc", float("nan"))
     if (
         state.phase == "stage"
@@ -230,12 +235,12 @@ def _round_done(
     ):
         save_npz_atomic(run.cfg.run_dir / BEST_STAGE_FILE, arrays)
         run.history["best-stage-round"], run.history["best-stage-val-auroc"] = round_no, float(score)
-    entry = state.rounds[-1]
-    run.recorder.round_done(state.phase, round_no, {k: v for k, v in entry.items() if k != "round"})
     write_checkpoint(
         run.cfg.run_dir / "checkpoint.npz",
         Checkpoint(state.phase, round_no, arrays, run.history, strategy_optimiser_state(strategy)),
     )
+    entry = state.rounds[-1]
+    run.recorder.round_done(state.phase, round_no, {k: v for k, v in entry.items() if k != "round"})
 
 
 def _final_test(run: _Run, arrays: dict[str, np.ndarray]) -> dict:

@@ -21,6 +21,7 @@ from common.files import save_npz_atomic, write_atomic  # noqa: E402
 from server.tracking import open_tracker  # noqa: E402
 
 log = logging.getLogger("onfh.server")
+PHASES = ("pretrain", "stage")  # in the order a run goes through them
 
 
 class RunRecorder:
@@ -47,8 +48,39 @@ class RunRecorder:
             logging.getLogger(name).removeHandler(self.log_handler)
         self.log_handler.close()
 
+    def resume_metrics(self, history: dict) -> None:
+        """Make ``metrics.jsonl`` hold exactly one line per round of a resumed run's checkpoint.
+
+        The line of a round is written after its checkpoint, so a kill between the two leaves it
+        out (it is rebuilt here from the checkpoint's history); lines beyond the checkpoint (a kill
+        inside a round, or a log written before its checkpoint) and repeated lines are dropped.
+        """
+        done = [(phase, entry) for phase in PHASES for entry in history.get(phase, [])]
+        found: dict[tuple[str, int], str] = {}
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        for text in lines:
+            try:
+                line = json.loads(text)
+                found.setdefault((str(line["phase"]), int(line["round"])), text)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                continue
+        kept, rebuilt = [], 0
+        for phase, entry in done:
+            text = found.get((phase, int(entry["round"])))
+            if text is None:
+                text, rebuilt = json.dumps(_jsonable(_metrics_line(phase, entry))), rebuilt + 1
+            kept.append(text)
+        if kept != lines:
+            log.info(
+                "metrics.jsonl: %d of %d lines kept, %d rebuilt from the checkpoint",
+                len(kept) - rebuilt,
+                len(lines),
+                rebuilt,
+            )
+            write_atomic(self.metrics_path, "".join(t + "\n" for t in kept).encode())
+
     def round_done(self, phase: str, round_no: int, entry: dict) -> None:
-        line = {"phase": phase, "round": round_no, "time": time.time(), **entry}
+        line = _metrics_line(phase, {"round": round_no, **entry})
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(_jsonable(line)) + "\n")
         if self.tracker is not None:
@@ -98,6 +130,12 @@ class RunRecorder:
             plot_roc(np.asarray(test["score-histogram"]), self.run_dir / "roc_per_stage.png")
         if "confusion" in test:
             plot_confusion(np.asarray(test["confusion"]), self.run_dir / "confusion_matrix.png")
+
+
+def _metrics_line(phase: str, entry: dict) -> dict:
+    """One round's line of ``metrics.jsonl`` from its history entry (which holds ``round``)."""
+    rest = {k: v for k, v in entry.items() if k != "round"}
+    return {"phase": phase, "round": int(entry["round"]), "time": time.time(), **rest}
 
 
 def roc_from_histogram(hist_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

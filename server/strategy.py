@@ -1,5 +1,10 @@
-"""Flower strategies chosen by config, guarded: update validation, failure accounting,
-secure-aggregate evaluation (score histograms), per-round accounting and a round-end callback.
+"""Flower strategies chosen by config, guarded: screened and bounded replies, failures, pooled evaluation.
+
+The guard validates every update, binds each reply to the site name its node gave at the
+inventory query, clips ``num-examples`` to the site's inventory and excludes updates whose norm is
+far above the round's median (:mod:`server.bounds`); robust rules check their preconditions first
+(:mod:`server.robust`). Evaluations are pooled from score histograms; each round is accounted and
+ends with a callback.
 
 ``GuardedStrategy`` is a mixin placed before a Flower strategy class (``GuardedFedAvg(GuardedStrategy,
 FedAvg)``, one named class per strategy in ``common.config.STRATEGIES``). It overrides only
@@ -19,6 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -27,11 +33,15 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
 )
 
 from common.config import STRATEGIES, RunConfig
 from common.records import from_record, to_record
 from server.accounting import RoundAccount, RoundClock, summarise_evaluation
+from server.bounds import ReplyBounds, ReplyChecks, update_norm
+from server.robust import BulyanRule, KrumRule, MultiKrumRule, TrimmedRule
 from server.validation import update_problem
 
 log = logging.getLogger("onfh.server")
@@ -45,7 +55,8 @@ class PhaseState:
 
     phase: str
     round_offset: int = 0
-    sites: dict[int, str] = field(default_factory=dict)  # node id -> site name (not patient data)
+    # node id -> site name, bound at the inventory query (not patient data); replies cannot rename
+    sites: dict[int, str] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
     last_arrays: ArrayRecord | None = None
@@ -60,7 +71,7 @@ def short_reason(reason: str, limit: int = 300) -> str:
     return text[:limit]
 
 
-class GuardedStrategy:
+class GuardedStrategy(ReplyChecks):
     """Mixin placed before a Flower strategy class: validates replies and accounts for each round.
 
     Args:
@@ -82,6 +93,9 @@ class GuardedStrategy:
         self.state = state
         self.reference = {k: (tuple(v.shape), str(v.dtype)) for k, v in reference.items()}
         self.min_sites = cfg.min_sites
+        # Caps come with the inventory (build_strategy); without one nothing is clipped.
+        self.bounds = ReplyBounds.for_phase(state.phase, cfg, None)
+        self._unbound_flagged: set[int] = set()
         self.on_round_end = on_round_end or (lambda *_: None)
         # Every connected site is asked each round; a round needs ``min-sites`` usable replies.
         super().__init__(  # type: ignore[call-arg]  # the Flower strategy after this mixin in the MRO
@@ -103,37 +117,38 @@ class GuardedStrategy:
         return self.state.round_offset + server_round
 
     def site_of(self, msg: Message) -> str:
-        """The site name of a reply (learnt from its content), else ``node-ID``."""
+        """The site name bound to the reply's node at the inventory query, else ``node-ID``.
+
+        Never read from the message: a reply cannot rename its node (see :meth:`_check_name`).
+        """
         node = msg.metadata.src_node_id
-        if msg.has_content() and "site" in msg.content.config_records:
-            self.state.sites[node] = str(msg.content.config_records["site"]["site-name"])
         return self.state.sites.get(node, f"node-{node}")
 
-    def _fail(self, server_round: int, step: str, site: str, reason: str) -> None:
+    def _fail(self, server_round: int, step: str, site: str, reason: str, action: str = "rejected") -> None:
+        """Record a reply the round did not take as sent: ``rejected``, ``excluded``, ``clipped``, ``flagged``."""
         entry = {
             "phase": self.state.phase,
             "round": self._absolute(server_round),
             "step": step,
             "site": site,
             "reason": reason,
+            "action": action,
         }
         self.state.failures.append(entry)
-        log.warning("round %d %s: site %s rejected: %s", entry["round"], step, site, reason)
+        log.warning("round %d %s: site %s %s: %s", entry["round"], step, site, action, reason)
 
-    def _update_problem(self, msg: Message) -> str | None:
-        """Why a training reply's arrays may not be aggregated; casts float16 updates to float32 in place."""
+    def _update_problem(self, msg: Message) -> tuple[str | None, dict[str, np.ndarray]]:
+        """Why a training reply's arrays may not be aggregated, and the arrays (float16 cast to float32 in place)."""
         records = list(msg.content.array_records.values())
         if len(records) != 1:
-            return f"reply carries {len(records)} array records, expected 1"
+            return f"reply carries {len(records)} array records, expected 1", {}
         arrays = from_record(records[0])
         problem = update_problem(self.reference, arrays)
         if problem is None and any(v.dtype == np.float16 for v in arrays.values()):
             # Aggregate in float32 whatever the wire dtype was (repacked only when needed).
-            key = next(iter(msg.content.array_records.keys()))
-            msg.content[key] = to_record(
-                {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
-            )
-        return problem
+            arrays = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
+            msg.content[next(iter(msg.content.array_records.keys()))] = to_record(arrays)
+        return problem, arrays
 
     def screen(
         self, server_round: int, replies: Iterable[Message], step: str, check_arrays: bool
@@ -145,31 +160,34 @@ class GuardedStrategy:
             if node not in replied:
                 site = self.state.sites.get(node, f"node-{node}")
                 self._fail(server_round, step, site, "no reply before the round timeout")
-        kept, idle = [], 0
+        kept, idle, norms = [], 0, {}
         for msg in replies:
             site = self.site_of(msg)
             if msg.has_content():  # every reply is traffic, sound or not; counted as it arrived
                 self.state.account.tally(f"{step}-received", site, msg)
             if msg.has_error():
-                reason = short_reason(msg.error.reason)
-                named = re.match(r"site ([\w.-]+): ", reason)
-                if site.startswith("node-") and named:  # a site that failed before ever answering
-                    site = named.group(1)
-                self._fail(server_round, step, site, f"error at the site: {reason}")
+                self._fail(server_round, step, site, f"error at the site: {short_reason(msg.error.reason)}")
                 continue
+            self._check_name(server_round, step, msg, site)
             metrics = next(iter(msg.content.metric_records.values()), None)
             if metrics is None or "num-examples" not in metrics:
                 self._fail(server_round, step, site, "reply has no 'num-examples' metric")
                 continue
             if step == "train" and "train-seconds" in metrics:
                 self.state.account.site_train_seconds[site] = float(metrics["train-seconds"])
-            if float(metrics["num-examples"]) <= 0:
+            if self._clip_examples(server_round, step, msg, site) <= 0:
                 idle += 1  # the site has no data for this step: it answers but does not take part
                 continue
-            if check_arrays and (problem := self._update_problem(msg)):
-                self._fail(server_round, step, site, problem)
-                continue
+            if check_arrays:
+                problem, arrays = self._update_problem(msg)
+                if problem:
+                    self._fail(server_round, step, site, problem)
+                    continue
+                if self.bounds.sent:
+                    norms[site] = update_norm(arrays, self.bounds.sent)
             kept.append(msg)
+        if step == "train":
+            kept = self._exclude_outsized(server_round, kept, norms)
         kept.sort(key=self.site_of)  # a fixed order makes the float sums, hence resumed runs, reproducible
         if len(kept) + idle < self.min_sites:
             raise RuntimeError(
@@ -184,6 +202,7 @@ class GuardedStrategy:
         account = self.state.account = RoundAccount(RoundClock.for_training())
         config["phase"] = self.state.phase
         config["phase-round"] = self._absolute(server_round)
+        self.bounds.sent = from_record(arrays)  # each update's norm is measured from these
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.state.last_sent = [m.metadata.dst_node_id for m in messages]
         self._tally_sent("train", messages)
@@ -270,13 +289,34 @@ class GuardedFedMedian(GuardedStrategy, FedMedian):
     """FedMedian: the coordinate-wise median of the sites' weights."""
 
 
-class GuardedFedTrimmedAvg(GuardedStrategy, FedTrimmedAvg):
-    """FedTrimmedAvg: the coordinate-wise mean without the ``trimmed-beta`` tails."""
+class GuardedFedTrimmedAvg(GuardedStrategy, TrimmedRule, FedTrimmedAvg):
+    """FedTrimmedAvg: the coordinate-wise mean without the ``trimmed-beta`` tails (at least one reply each)."""
 
     def __init__(
         self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
     ):
         super().__init__(state, cfg, reference, on_round_end, beta=cfg.trimmed_beta)
+
+
+class _KrumFamily(GuardedStrategy):
+    """Krum, Multi-Krum, Bulyan: built to withstand ``num-malicious-sites`` malicious sites."""
+
+    def __init__(
+        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
+    ):
+        super().__init__(state, cfg, reference, on_round_end, num_malicious_nodes=cfg.num_malicious_sites)
+
+
+class GuardedKrum(_KrumFamily, KrumRule, Krum):
+    """Krum: the one reply closest to its ``n - f - 2`` nearest neighbours."""
+
+
+class GuardedMultiKrum(_KrumFamily, MultiKrumRule, MultiKrum):
+    """Multi-Krum: the example-weighted mean of the ``n - f`` replies Krum scores best."""
+
+
+class GuardedBulyan(_KrumFamily, BulyanRule, Bulyan):
+    """Bulyan: Multi-Krum picks ``n - 2f`` replies, then a coordinate-wise trimmed mean around their median."""
 
 
 # Run-config strategy name -> class, in the order of common.config.STRATEGIES (where names are listed).
@@ -289,6 +329,9 @@ _BY_NAME: dict[str, type[GuardedStrategy]] = {
     "fedavgm": GuardedFedAvgM,
     "fedmedian": GuardedFedMedian,
     "fedtrimmedavg": GuardedFedTrimmedAvg,
+    "krum": GuardedKrum,
+    "multikrum": GuardedMultiKrum,
+    "bulyan": GuardedBulyan,
 }
 if set(_BY_NAME) != set(STRATEGIES):  # not an assert: it must hold under python -O too
     raise ImportError(
@@ -299,7 +342,17 @@ GUARDED: dict[str, type[GuardedStrategy]] = {name: _BY_NAME[name] for name in ST
 
 
 def build_strategy(
-    cfg: RunConfig, state: PhaseState, reference: dict[str, np.ndarray], on_round_end: RoundEnd | None = None
+    cfg: RunConfig,
+    state: PhaseState,
+    reference: dict[str, np.ndarray],
+    on_round_end: RoundEnd | None = None,
+    inventory: dict[str, dict] | None = None,
 ) -> GuardedStrategy:
-    """The guarded Flower strategy named by run-config ``strategy`` (see :class:`GuardedStrategy`)."""
-    return GUARDED[cfg.strategy](state, cfg, reference, on_round_end)
+    """The guarded Flower strategy named by run-config ``strategy`` (see :class:`GuardedStrategy`).
+
+    ``inventory`` (site name -> counts from the inventory query) caps each training reply's
+    ``num-examples``; without it nothing is clipped (a strategy built outside a run).
+    """
+    strategy = GUARDED[cfg.strategy](state, cfg, reference, on_round_end)
+    strategy.bounds = ReplyBounds.for_phase(state.phase, cfg, inventory)
+    return strategy

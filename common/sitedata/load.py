@@ -60,6 +60,8 @@ __all__ = [
 # Module objects, not file names, so that a renamed module fails here instead of going unhashed.
 PREPROCESSING_MODULES: tuple[ModuleType, ...] = (
     dicom.model,
+    dicom.limits,
+    dicom.bounded,
     dicom.header,
     dicom.geometry,
     dicom.series,

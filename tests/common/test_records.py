@@ -22,7 +22,7 @@ def test_round_trip_keeps_shapes_dtypes_and_values():
 
 
 def test_fedbn_local_state_survives_the_client_state_record():
-    # FedBN keeps the norm layers in context.state as an ArrayRecord between rounds; the
+    # Site-local norm layers may travel through an ArrayRecord (Flower state, records); the
     # step counters are 0-d and must come back loadable.
     trained = build_staging(ModelConfig())
     local = get_local_state(trained)

@@ -135,7 +135,7 @@ def test_rounds_record_bytes_and_times(federated_run):
 
 
 def test_fedbn_run_keeps_norm_layers_at_the_sites(tiny_federation, tmp_path):
-    """FedBN over two staging rounds: the sites' own norm layers come back from context.state
+    """FedBN over two staging rounds: the sites' own norm layers come back from the site's own store
     in round 2 and in every evaluation, and never reach the server's model."""
     from common.models.factory import build_staging
     from common.training.weights import local_norm_keys

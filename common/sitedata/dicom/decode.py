@@ -12,6 +12,8 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from common.problems import ProblemLog, first_line
+from common.sitedata.dicom.bounded import read_bounded
+from common.sitedata.dicom.limits import DEFAULT_LIMITS, DicomLimits, LimitExceeded, check_image, check_series
 from common.sitedata.dicom.model import SeriesInfo
 from common.sitedata.volume import Volume
 
@@ -68,24 +70,34 @@ def decoder_hint(transfer_syntax: str) -> str:
     return f"no decoder plugin installed for {uid.name}; install one of: {missing}"
 
 
-def load_volume(series: SeriesInfo, log: ProblemLog | None = None) -> Volume | None:
+def load_volume(
+    series: SeriesInfo, log: ProblemLog | None = None, limits: DicomLimits = DEFAULT_LIMITS
+) -> Volume | None:
     """Decode a scanned series into a float32 :class:`Volume` ``(S, R, C)`` with its LPS affine.
 
     Slices are in the order of their position along the slice normal (found by
     :func:`~common.sitedata.dicom.scan.scan_site`, not from InstanceNumber);
     RescaleSlope/Intercept are applied per frame.
 
+    Every file is read within ``limits`` (header size, inflated size, image size checked before
+    any pixel data is read or decoded).
+
     Returns:
         The volume, or None when a file cannot be decoded (a problem naming the file, the
-        transfer syntax and the decoder plugin is added to ``log``).
+        transfer syntax and the decoder plugin is added to ``log``) or is over ``limits``.
     """
     log = log if log is not None else ProblemLog()
+    try:
+        check_series(len(series.frames), series.rows, series.cols, limits)
+    except LimitExceeded as exc:
+        log.add(series.relpath(), exc.reason, exc.fix)
+        return None
     pixels = np.empty((len(series.frames), series.rows, series.cols), dtype=np.float32)
     by_file: dict[Path, list[int]] = defaultdict(list)
     for index, frame in enumerate(series.frames):
         by_file[frame.path].append(index)
     for path, indices in by_file.items():
-        array = _file_frames(series, path, log)
+        array = _file_frames(series, path, log, limits)
         if array is None:
             return None
         for index in indices:
@@ -97,12 +109,17 @@ def load_volume(series: SeriesInfo, log: ProblemLog | None = None) -> Volume | N
     )
 
 
-def _file_frames(series: SeriesInfo, path: Path, log: ProblemLog) -> np.ndarray | None:
+def _file_frames(series: SeriesInfo, path: Path, log: ProblemLog, limits: DicomLimits) -> np.ndarray | None:
     """The stored frames of one file of ``series`` ``(n, R, C)``; None (with a problem) when unreadable."""
     where = series.relpath(path)
     try:
-        ds = pydicom.dcmread(path, force=False)
+        ds = read_bounded(
+            path, limits, pixels=True, check_header=lambda header: check_image(header, limits)
+        ).ds
         ts = str(ds.file_meta.get("TransferSyntaxUID", series.transfer_syntax))
+    except LimitExceeded as exc:
+        log.add(where, exc.reason, exc.fix)
+        return None
     except Exception as exc:  # noqa: BLE001 - any read failure is reported, never raised
         log.add(where, f"cannot read file ({type(exc).__name__}: {first_line(exc)})", "re-export the series")
         return None

@@ -8,15 +8,15 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
 from pydicom.uid import UID
 
 from common.problems import ProblemLog, first_line
+from common.sitedata.dicom.bounded import BoundedRead, inflated_exceeded, read_bounded
 from common.sitedata.dicom.geometry import FrameGeometry, GeometryError, frame_geometry, slice_step_tag
+from common.sitedata.dicom.limits import DEFAULT_LIMITS, DicomLimits, LimitExceeded, check_image
 from common.sitedata.dicom.model import relative
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
-PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # PixelData, Double/Float PixelData
 MODALITIES = ("MR", "CT")
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -41,26 +41,21 @@ class Header:
     geometry_error: GeometryError | None = None
 
 
-@dataclass
-class _Partial:
-    """A header read up to the pixel data: the dataset, where the pixel data starts and its length."""
-
-    ds: Dataset
-    pixel_length: list[int]  # empty when the file has no pixel data element
-    after_header: int
-    size: int
-
-
 def read_header(
-    path: Path, site_dir: Path, problems: ProblemLog, skipped: dict[tuple[str, str], list[Path]]
+    path: Path,
+    site_dir: Path,
+    problems: ProblemLog,
+    skipped: dict[tuple[str, str], list[Path]],
+    limits: DicomLimits = DEFAULT_LIMITS,
 ) -> Header | None:
     """Read one file's header (never its pixels); None when it is not a usable image instance.
 
     Files that are DICOM but not an MR/CT image are collected in ``skipped`` by (series, reason),
-    so that a series of them makes one problem line; anything else wrong is a problem of its own.
+    so that a series of them makes one problem line; anything else wrong is a problem of its own,
+    a file over ``limits`` too (refused before anything past the limit is read).
     """
     where = relative(path, site_dir)
-    partial = _read_partial(path, where, problems)
+    partial = _read_partial(path, where, problems, limits)
     if partial is None:
         return None
     ds, meta = partial.ds, partial.ds.file_meta
@@ -86,38 +81,42 @@ def read_header(
     if reason is not None:
         skipped[(series_uid, reason)].append(path)
         return None
-    if _truncated(partial, transfer_syntax, where, problems):
+    if _over_limits(partial, where, problems, limits) or _truncated(
+        partial, transfer_syntax, where, problems
+    ):
         return None
     return _header(ds, path, series_uid, transfer_syntax)
 
 
-def _read_partial(path: Path, where: str, problems: ProblemLog) -> _Partial | None:
-    """The header up to the pixel data; None (with a problem) when the file is not readable DICOM."""
-    pixel_length: list[int] = []
-
-    def stop_at_pixels(tag: int, vr: str | None, length: int) -> bool:
-        # Same stop as dcmread(stop_before_pixels=True), remembering that pixel data is present.
-        if tag in PIXEL_TAGS:
-            pixel_length.append(length)
-            return True
-        return False
-
+def _read_partial(path: Path, where: str, problems: ProblemLog, limits: DicomLimits) -> BoundedRead | None:
+    """The header up to the pixel data, within ``limits``; None (with a problem) when unreadable or too large."""
     try:
-        with open(path, "rb") as fp:
-            ds = read_partial(fp, stop_when=stop_at_pixels, force=False)
-            after_header = fp.tell()
-        size = path.stat().st_size
+        return read_bounded(path, limits)
     except InvalidDicomError:
         problems.add(where, "not a DICOM file (no DICM preamble); ignored", "nothing to do", "info")
-        return None
+    except LimitExceeded as exc:
+        problems.add(where, exc.reason, exc.fix)
     except Exception as exc:  # noqa: BLE001 - a corrupt file is reported, never raised
         problems.add(
             where,
             f"unreadable DICOM header ({type(exc).__name__}: {first_line(exc)}); file corrupt or truncated, skipped",
             "re-export this file from PACS",
         )
-        return None
-    return _Partial(ds, pixel_length, after_header, size)
+    return None
+
+
+def _over_limits(partial: BoundedRead, where: str, problems: ProblemLog, limits: DicomLimits) -> bool:
+    """True (with a problem) when the image the header describes, or its inflated size, is over ``limits``."""
+    try:
+        check_image(partial.ds, limits)
+        length = partial.pixel_length[0]
+        reach = partial.after_header + length
+        if partial.deflated and length != UNDEFINED_LENGTH and reach > limits.max_inflated_bytes:
+            raise inflated_exceeded(limits)(reach)
+    except LimitExceeded as exc:
+        problems.add(where, exc.reason, exc.fix)
+        return True
+    return False
 
 
 def _not_used_because(ds: Dataset, pixel_length: list[int]) -> str | None:
@@ -133,7 +132,7 @@ def _not_used_because(ds: Dataset, pixel_length: list[int]) -> str | None:
     return None
 
 
-def _truncated(partial: _Partial, transfer_syntax: str, where: str, problems: ProblemLog) -> bool:
+def _truncated(partial: BoundedRead, transfer_syntax: str, where: str, problems: ProblemLog) -> bool:
     """True (with a problem) when the file is shorter than its pixel data element says."""
     syntax = UID(transfer_syntax)
     length = partial.pixel_length[0]

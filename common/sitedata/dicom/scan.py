@@ -8,6 +8,7 @@ from pathlib import Path
 
 from common.problems import ProblemLog
 from common.sitedata.dicom.header import Header, read_header
+from common.sitedata.dicom.limits import DEFAULT_LIMITS, DicomLimits
 from common.sitedata.dicom.model import PatientScan, SeriesInfo, SiteScan, relative
 from common.sitedata.dicom.series import build_series
 from common.sitedata.protocols import ProtocolRules, ProtocolRulesError
@@ -16,7 +17,12 @@ from common.sitedata.protocols import ProtocolRules, ProtocolRulesError
 SITE_FILES: frozenset[str] = frozenset({"labels.csv", "protocols.toml"})
 
 
-def scan_site(site_dir: Path, rules: ProtocolRules | None = None, log: ProblemLog | None = None) -> SiteScan:
+def scan_site(
+    site_dir: Path,
+    rules: ProtocolRules | None = None,
+    log: ProblemLog | None = None,
+    limits: DicomLimits = DEFAULT_LIMITS,
+) -> SiteScan:
     """Find every usable MR/CT series below ``site_dir`` from headers alone.
 
     Walks all files (any depth, any names), reads headers (pixel data is not read), groups
@@ -28,6 +34,8 @@ def scan_site(site_dir: Path, rules: ProtocolRules | None = None, log: ProblemLo
         site_dir: the site's data folder.
         rules: protocol rules; None reads ``site_dir/protocols.toml`` if present, else defaults.
         log: optional shared problem log.
+        limits: the most a file or series may hold; a file over them is refused (one problem
+            line naming it, the limit and the value) and the rest of the site is read.
 
     Returns:
         The :class:`SiteScan`; source files are opened read-only and never modified.
@@ -37,9 +45,9 @@ def scan_site(site_dir: Path, rules: ProtocolRules | None = None, log: ProblemLo
     if rules is None:
         rules = _site_rules(site_dir, problems)
     scan = SiteScan(site_dir=site_dir, problems=problems, rules=rules)
-    headers = _read_headers(scan)
+    headers = _read_headers(scan, limits)
     for series_headers in headers.values():
-        series = build_series(series_headers, site_dir, rules, problems)
+        series = build_series(series_headers, site_dir, rules, problems, limits)
         if series is None:
             scan.ignored += len(series_headers)
             continue
@@ -60,14 +68,14 @@ def scan_site(site_dir: Path, rules: ProtocolRules | None = None, log: ProblemLo
     return scan
 
 
-def _read_headers(scan: SiteScan) -> dict[str, list[Header]]:
+def _read_headers(scan: SiteScan, limits: DicomLimits) -> dict[str, list[Header]]:
     """Every file's header, by SeriesInstanceUID; counts files in ``scan``, notes skipped objects."""
     site_dir, problems = scan.site_dir, scan.problems
     headers: dict[str, list[Header]] = defaultdict(list)
     skipped: dict[tuple[str, str], list[Path]] = defaultdict(list)  # (series, reason) -> files
     for path in _walk(site_dir):
         scan.n_files += 1
-        header = read_header(path, site_dir, problems, skipped)
+        header = read_header(path, site_dir, problems, skipped, limits)
         if header is None:
             scan.ignored += 1
             continue

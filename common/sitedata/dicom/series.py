@@ -11,6 +11,7 @@ import numpy as np
 from common.problems import ProblemLog
 from common.sitedata.dicom.geometry import FrameGeometry, orientation_name, slice_normal
 from common.sitedata.dicom.header import Header
+from common.sitedata.dicom.limits import DEFAULT_LIMITS, DicomLimits, LimitExceeded, check_series
 from common.sitedata.dicom.model import FrameRef, SeriesInfo, relative
 from common.sitedata.protocols import ProtocolRules
 from common.sitedata.volume import affine_from_dicom
@@ -30,15 +31,24 @@ class _Where:
 
 
 def build_series(
-    headers: list[Header], site_dir: Path, rules: ProtocolRules, problems: ProblemLog
+    headers: list[Header],
+    site_dir: Path,
+    rules: ProtocolRules,
+    problems: ProblemLog,
+    limits: DicomLimits = DEFAULT_LIMITS,
 ) -> SeriesInfo | None:
-    """Check one series' headers and geometry; None (with a problem) when it cannot be used."""
+    """Check one series' headers, size and geometry; None (with a problem) when it cannot be used."""
     headers = sorted(headers, key=lambda h: (h.instance, str(h.path)))
     first = headers[0]
     where = _Where(relative(first.path, site_dir), f"series '{first.description or '(no description)'}'")
     if not _headers_usable(headers, site_dir, rules, problems, where):
         return None
     frames = [item for h in headers for item in h.frames]
+    try:
+        check_series(len(frames), first.rows, first.cols, limits)
+    except LimitExceeded as exc:
+        problems.add(where.path, f"{where.label}: {exc.reason}", exc.fix)
+        return None
     if not _same_plane(frames, problems, where):
         return None
     orientation = frames[0][1]
