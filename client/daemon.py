@@ -180,7 +180,8 @@ def refusal_from_output(lines: list[str], kit: SiteKit) -> SiteRefused | None:
         return KeyUnknown(
             f"the server does not know this site's key: send {kit.kit / 'site.pub'} (the public key, never "
             f"site.key) to the central host and ask them to put it in the server kit's site-keys/ as "
-            f"{kit.site_name}.pub and run 'onfh server --kit KIT --register-only'"
+            f"{kit.site_name}.pub and run 'onfh server register --kit KIT' (also spelt 'onfh server --kit KIT "
+            "--register-only'): the running server then accepts this site, no restart needed"
         )
     return None
 
@@ -191,6 +192,7 @@ class SiteDaemon:
     def __init__(self, kit: SiteKit, config: str, runtime_port: int, log_path: Path) -> None:
         self.kit, self.config, self.runtime_port, self.log_path = kit, config, runtime_port, log_path
         self.proc: subprocess.Popen | None = None
+        self.disconnected = False  # the SuperNode reported a failed connection attempt, not yet a success
 
     def wait_for_server(self, max_wait_s: float | None) -> None:
         """Block until the server answers TLS with a trusted certificate (SiteRefused / TimeoutError)."""
@@ -236,6 +238,19 @@ class SiteDaemon:
                 log.write(line)
                 log.flush()
                 recent.append(line.rstrip())
+                self._note_connection(line)
+
+    def _note_connection(self, line: str) -> None:
+        """Say in plain words when the SuperNode loses the server and when it has it back."""
+        if "Connection attempt failed" in line and not self.disconnected:
+            self.disconnected = True
+            self._say(
+                "lost the connection to the server; the SuperNode retries by itself (the server counts "
+                "this site out of a round after about a minute offline and asks it again once it is back)"
+            )
+        elif "Connection successful after" in line and self.disconnected:
+            self.disconnected = False
+            self._say("connection to the server is back")
 
     def stop(self) -> None:
         if self.proc is not None:

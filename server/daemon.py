@@ -4,6 +4,11 @@ Starts the SuperLink with TLS (the kit's certificate), SuperNode authentication,
 state database and no run-time dependency installation; waits until its Control API answers;
 registers every site key in the kit's ``site-keys/``; stops cleanly on SIGTERM or Ctrl-C.
 
+``onfh server register --kit DIR`` registers the keys of ``site-keys/`` with the server that is
+already running (a site added with ``onfh provision --add-site``): no restart, a run in progress
+asks the new site from its next round on. Registering is an explicit act of the central host's
+administrator, never the side effect of a file appearing in a folder.
+
 Everything it writes goes under the work folder (default ``KIT/work``): ``state.db``,
 ``superlink.log``, ``flwr-home/`` (installed app bundles) and ``outputs/RUN_NAME/`` (the results
 of every run, as in simulation). None of it holds a private key: the kit's ``server.key`` is
@@ -16,6 +21,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -85,18 +91,25 @@ def local_address(host: str, port: int) -> str:
 
 def control_api_answers(work: Path) -> bool:
     """True when ``flwr supernode ls`` reaches the SuperLink's Control API over TLS."""
-    done = subprocess.run(
-        [flwr_executable(), "supernode", "ls", CONNECTION, "--format", "json"],
-        env=flwr_env(work / "flwr-home"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    try:
+        done = subprocess.run(
+            [flwr_executable(), "supernode", "ls", CONNECTION, "--format", "json"],
+            env=flwr_env(work / "flwr-home"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        return False
     return done.returncode == 0 and '"success": true' in done.stdout
 
 
 def register_site_keys(kit: ServerKit, work: Path) -> dict[str, str]:
-    """Register every key of ``site-keys/`` with the running SuperLink: site -> 'registered' | 'already registered'."""
+    """Register every key of ``site-keys/`` with the running SuperLink under the site's name.
+
+    Returns site -> ``registered (node ID)`` (the node id Flower's logs and ``flwr supernode ls`` show)
+    or ``already registered``.
+    """
     status: dict[str, str] = {}
     for site, key in kit.site_keys().items():
         done = subprocess.run(
@@ -108,7 +121,8 @@ def register_site_keys(kit: ServerKit, work: Path) -> dict[str, str]:
         )
         text = done.stdout + done.stderr
         if done.returncode == 0:
-            status[site] = "registered"
+            node = re.search(r"SuperNode (\d+) registered", text)
+            status[site] = f"registered (node {node.group(1)})" if node else "registered"
         elif "already in use" in text:
             status[site] = "already registered"
         else:
@@ -142,8 +156,7 @@ class ServerDaemon:
                 f"the server certificate {self.kit.kit / 'server.pem'} expired on {expires:%Y-%m-%d %H:%M} UTC: "
                 "sites will refuse it; issue a new one with 'onfh provision' (keep ca.key) and restart"
             )
-        self.work.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.work, 0o700)
+        self.prepare_work()
         dial = local_address(self.host, self.port)
         write_flwr_connection(self.work / "flwr-home", dial, self.kit.kit / "ca.pem")
         log = (self.work / "superlink.log").open("ab")
@@ -172,6 +185,11 @@ class ServerDaemon:
             f"the SuperLink did not answer within {timeout_s:.0f} s; see {self.work / 'superlink.log'}"
         )
 
+    def prepare_work(self) -> None:
+        """Create the work folder, readable by this user only."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.work, 0o700)
+
     def register(self) -> dict[str, str]:
         """Register the kit's site keys (safe to repeat)."""
         return register_site_keys(self.kit, self.work)
@@ -188,29 +206,52 @@ class ServerDaemon:
         return stop_process_tree(self.proc)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``onfh server --kit DIR [--work DIR] [--host 0.0.0.0] [--port N] [--register-only]``."""
-    parser = argparse.ArgumentParser(prog="onfh server", description=description(__doc__))
+def register_with_running_server(daemon: ServerDaemon) -> dict[str, str]:
+    """Register the kit's site keys with the SuperLink already running for ``daemon``'s kit (or raise)."""
+    dial = local_address(daemon.host, daemon.port)
+    daemon.prepare_work()
+    write_flwr_connection(daemon.work / "flwr-home", dial, daemon.kit.kit / "ca.pem")
+    if not control_api_answers(daemon.work):
+        raise RuntimeError(
+            f"no SuperLink answers on {dial}: start 'onfh server --kit {daemon.kit.kit}' first (it registers "
+            "every key of site-keys/ as it starts), or pass the --host/--port/--work it runs with"
+        )
+    return daemon.register()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onfh server",
+        description=description(__doc__, full=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=("start", "register"),
+        default="start",
+        help="start the SuperLink (default), or register the kit's site keys with the running one",
+    )
     parser.add_argument("--kit", type=Path, required=True, help="the server kit folder from 'onfh provision'")
     parser.add_argument(
         "--work", type=Path, default=None, help="state, logs and run outputs (default KIT/work)"
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     parser.add_argument("--port", type=int, default=None, help="port (default: the provisioned one)")
-    parser.add_argument(
-        "--register-only",
-        action="store_true",
-        help="register the kit's site keys with a running server, then exit",
-    )
-    args = parser.parse_args(argv)
+    parser.add_argument("--register-only", action="store_true", help="the same as 'onfh server register'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``onfh server [start|register] --kit DIR [--work DIR] [--host 0.0.0.0] [--port N]``."""
+    args = _parser().parse_args(argv)
     try:
         kit = ServerKit.load(args.kit)
         daemon = ServerDaemon(kit, args.work or kit.kit / "work", args.host, args.port)
-        if args.register_only:
-            dial = local_address(args.host, daemon.port)
-            write_flwr_connection(daemon.work / "flwr-home", dial, kit.kit / "ca.pem")
-            for site, state in daemon.register().items():
+        if args.register_only or args.action == "register":
+            for site, state in register_with_running_server(daemon).items():
                 print(f"site {site}: {state}")
+            print("registered sites can join now; a run in progress asks a new site from its next round on")
             return 0
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"onfh server: {exc}", file=sys.stderr)

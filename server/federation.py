@@ -156,6 +156,8 @@ def _site_inventory(run: _Run, wait_s: float = 120.0) -> dict[str, dict]:
         for n in nodes
     ]
     inventory: dict[str, dict] = {}
+    # Deployment registers each site's key under its name: that name binds the node, not the reply's.
+    registered = {n.node_id: getattr(n, "name", "") for n in run.grid.get_nodes()}
     for reply in run.grid.send_and_receive(messages, timeout=run.cfg.round_timeout_s):
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -170,7 +172,21 @@ def _site_inventory(run: _Run, wait_s: float = 120.0) -> dict[str, dict]:
             )
             log.warning("node %d did not report its inventory: %s", node, reply.error.reason)
             continue
-        name = str(reply.content.config_records["site"]["site-name"])
+        claimed = str(reply.content.config_records["site"]["site-name"])
+        name = registered.get(node) or claimed
+        if name != claimed:
+            reason = f"node {node} is registered as {name!r} but its inventory reply claims {claimed!r}"
+            run.history["failures"].append(
+                {
+                    "phase": "inventory",
+                    "round": 0,
+                    "step": "inventory",
+                    "site": name,
+                    "reason": reason,
+                    "action": "flagged",
+                }
+            )
+            log.warning("inventory: %s", reason)
         run.sites[node] = name
         inventory[name] = {k: v for k, v in next(iter(reply.content.metric_records.values())).items()}
     for name, counts in sorted(inventory.items()):

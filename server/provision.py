@@ -11,7 +11,8 @@ Layout written under OUT (every private key 0600, every kit folder 0700)::
 Sites authenticate with an EC P-384 key pair in OpenSSH format (what ``flwr supernode register``
 and ``flower-supernode --auth-supernode-private-key`` take); the server authenticates with a
 certificate for its address signed by the CA. ``--add-site NAME`` issues only NAME's kit and
-puts its public key into the server kit; nothing else is re-issued.
+puts its public key into the server kit; nothing else is re-issued. A server that is already
+running accepts the new key after ``onfh server register --kit KIT``.
 """
 
 from __future__ import annotations
@@ -285,6 +286,19 @@ def add_site(out: Path, site: str) -> Provisioned:
     )
 
 
+def add_site_next_steps(out: Path, site: str) -> str:
+    """What to do after ``--add-site``: hand over the kit, put the key on the central host, register it."""
+    return (
+        f"added site {site}. Next:\n"
+        f"  1. give {out / 'sites' / site}/ to hospital {site} only (it holds site.key)\n"
+        f"  2. on the central host, put {site}.pub into the server kit's site-keys/ (already there when "
+        f"the server runs from {out / 'server'})\n"
+        "  3. there, run 'onfh server register --kit KIT' (with the --host/--port/--work the server runs "
+        "with): the running server accepts the site; no restart\n"
+        f"  4. hospital {site} starts 'onfh site'; a run in progress asks it from its next round on"
+    )
+
+
 def _print_summary(done: Provisioned) -> None:
     for party, kit in done.kits.items():
         print(f"  {party:<18} {kit}")
@@ -315,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.add_site:
             done = add_site(args.out, args.add_site)
-            print(f"added site {args.add_site}; copy server/site-keys/{args.add_site}.pub to the server kit")
+            print(add_site_next_steps(args.out, args.add_site))
         else:
             if not args.server_address:
                 parser.error("--server-address HOST:PORT is required (or --add-site NAME)")

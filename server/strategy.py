@@ -96,6 +96,7 @@ class GuardedStrategy(ReplyChecks):
         # Caps come with the inventory (build_strategy); without one nothing is clipped.
         self.bounds = ReplyBounds.for_phase(state.phase, cfg, None)
         self._unbound_flagged: set[int] = set()
+        self._sent: list[Message] = []  # this step's messages; their ids are set when Flower pushes them
         self.on_round_end = on_round_end or (lambda *_: None)
         # Every connected site is asked each round; a round needs ``min-sites`` usable replies.
         super().__init__(  # type: ignore[call-arg]  # the Flower strategy after this mixin in the MRO
@@ -121,8 +122,28 @@ class GuardedStrategy(ReplyChecks):
 
         Never read from the message: a reply cannot rename its node (see :meth:`_check_name`).
         """
-        node = msg.metadata.src_node_id
+        node = self.node_of(msg)
         return self.state.sites.get(node, f"node-{node}")
+
+    def _bind_registered(self, grid: Grid, messages: list[Message]) -> None:
+        """Name nodes that joined after the inventory by the name registered with their key, if any.
+
+        In deployment ``onfh server register`` registers each site's key under the site's name, so a
+        site that joins mid-run is named by the central host, never by its own messages.
+        """
+        new = {m.metadata.dst_node_id for m in messages} - set(self.state.sites)
+        if new:
+            registered = {n.node_id: getattr(n, "name", "") for n in grid.get_nodes()}
+            self.state.sites.update({node: registered[node] for node in new if registered.get(node)})
+
+    def node_of(self, msg: Message) -> int:
+        """The node a reply answers for.
+
+        An error reply for a node that went offline is written by the SuperLink itself (its own node
+        id), so it is matched to the message it answers, which was sent to the site's node.
+        """
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
+        return sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
     def _fail(self, server_round: int, step: str, site: str, reason: str, action: str = "rejected") -> None:
         """Record a reply the round did not take as sent: ``rejected``, ``excluded``, ``clipped``, ``flagged``."""
@@ -155,7 +176,7 @@ class GuardedStrategy(ReplyChecks):
     ) -> list[Message]:
         """Keep the sound replies; record every failure and every missing reply."""
         replies = list(replies)
-        replied = {m.metadata.src_node_id for m in replies}
+        replied = {self.node_of(m) for m in replies}
         for node in self.state.last_sent:
             if node not in replied:
                 site = self.state.sites.get(node, f"node-{node}")
@@ -204,7 +225,9 @@ class GuardedStrategy(ReplyChecks):
         config["phase-round"] = self._absolute(server_round)
         self.bounds.sent = from_record(arrays)  # each update's norm is measured from these
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._bind_registered(grid, messages)
         self.state.last_sent = [m.metadata.dst_node_id for m in messages]
+        self._sent = messages
         self._tally_sent("train", messages)
         account.clock.train_sent = time.perf_counter()
         return messages
@@ -224,7 +247,9 @@ class GuardedStrategy(ReplyChecks):
         config["phase"] = self.state.phase
         config.setdefault("split", "val")
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._bind_registered(grid, messages)
         self.state.last_sent = [m.metadata.dst_node_id for m in messages]
+        self._sent = messages
         self._tally_sent("evaluate", messages)
         return messages
 

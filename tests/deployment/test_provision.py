@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import socket
 import stat
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server import provision
+from server import daemon, provision
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -128,3 +129,22 @@ def test_provisioning_twice_into_one_folder_is_refused(kits, capsys):
     out, _ = kits
     assert provision.main(["--server-address", "h:1", "--sites", "a", str(out)]) == 2
     assert "--add-site" in capsys.readouterr().err
+
+
+def test_add_site_says_how_the_running_server_admits_it(kits, capsys):
+    out, _ = kits
+    assert provision.main(["--add-site", "west", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "onfh server register --kit" in printed and "no restart" in printed
+    assert str(out / "sites" / "west") in printed and "next round" in printed
+
+
+def test_register_without_a_running_server_says_to_start_it(kits, capsys):
+    out, _ = kits
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["register", "--kit", str(out / "server"), "--host", "127.0.0.1", "--port", str(port)]
+    assert daemon.main([*argv, "--work", str(out / "work")]) == 2
+    err = capsys.readouterr().err
+    assert f"no SuperLink answers on 127.0.0.1:{port}" in err and "onfh server --kit" in err

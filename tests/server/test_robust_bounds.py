@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -143,3 +144,49 @@ def test_the_norm_bound_needs_three_replies_and_can_be_turned_off():
     assert norm_outliers({"a": 0.0, "b": 0.0, "c": 1.0}, 5.0)[1] == {}  # median 0: no bound
     assert norm_outliers({"a": 1.0, "b": 1.2, "c": 6.0}, 5.0)[1] == {}  # 5 x 1.2: at the bound
     assert norm_outliers({"a": 1.0, "b": 1.2, "c": 6.5}, 5.0) == (1.2, {"c": 6.5})
+
+
+def test_an_offline_sites_error_written_by_the_superlink_is_its_one_failure():
+    # Flower answers for a node that went offline with an error reply from the SuperLink itself
+    # (node 1); it must count as that site's failure, with the real reason, and only once.
+    named = sites(2)
+    state = PhaseState("stage", sites=dict(named))
+    strategy = build_strategy(RunConfig(), state, reference(), inventory=INVENTORY)
+    nodes = sorted(named)
+    messages = list(strategy.configure_train(1, to_record(reference()), ConfigRecord(), NodeGrid(nodes)))
+    for i, msg in enumerate(messages):
+        msg.metadata.__dict__["_message_id"] = f"sent-{i}"  # what Flower's grid does when it pushes
+    ref, d = reference(), direction()
+    first, second = (state.sites[m.metadata.dst_node_id] for m in messages)  # Flower samples in any order
+    healthy = reply(messages[0], {k: ref[k] + d[k] for k in ref}, 20, first)
+    offline = Message(Error(code=0, reason="Node Unavailable: the node went offline"), reply_to=messages[1])
+    offline.metadata.__dict__["_src_node_id"] = 1  # SUPERLINK_NODE_ID
+    strategy.aggregate_train(1, [healthy, offline])
+    (failure,) = state.failures
+    assert failure["site"] == second
+    assert "Node Unavailable" in failure["reason"] and "round timeout" not in failure["reason"]
+
+
+def test_a_site_joining_after_the_inventory_is_named_by_its_registration():
+    # In deployment a site's key is registered under its name; a node that joins mid-run takes
+    # that name, and a reply claiming another is flagged, not believed.
+    class RegisteredGrid(NodeGrid):
+        def get_nodes(self):
+            return [SimpleNamespace(node_id=n, name="site-late" if n == 9 else "") for n in self.nodes]
+
+    named = sites(3)
+    state = PhaseState("stage", sites=dict(named))
+    strategy = build_strategy(RunConfig(), state, reference(), inventory=INVENTORY)
+    nodes = sorted(named) + [9]
+    messages = list(
+        strategy.configure_train(1, to_record(reference()), ConfigRecord(), RegisteredGrid(nodes))
+    )
+    assert state.sites[9] == "site-late"
+    ref, d = reference(), direction()
+    claims = {n: state.sites[n] for n in nodes} | {9: "site-00"}  # node 9 claims another site's name
+    replies = [
+        reply(m, {k: ref[k] + d[k] for k in ref}, 20, claims[m.metadata.dst_node_id]) for m in messages
+    ]
+    strategy.aggregate_train(1, replies)
+    flagged = [f for f in state.failures if f["action"] == "flagged"]
+    assert [f["site"] for f in flagged] == ["site-late"] and "claims 'site-00'" in flagged[0]["reason"]
