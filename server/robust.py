@@ -3,8 +3,10 @@
 Each mixin sits between :class:`server.strategy.GuardedStrategy` and a Flower strategy
 (``GuardedKrum(GuardedStrategy, KrumRule, Krum)``): the guard screens the replies, the mixin
 checks that the rule can work for ``n`` replies and ``f = num-malicious-sites``, and Flower's
-class aggregates. Where it cannot, the round fails with :class:`RobustRuleError` naming the rule,
-``n``, ``f`` and the fix, rather than Flower's silent skip (Bulyan) or a traceback (trimmed mean).
+class aggregates. Where the settings cannot work even with every site answering, the round fails
+with :class:`RobustRuleError` naming the rule, ``n``, ``f`` and the fix, rather than Flower's silent
+skip (Bulyan) or a traceback (trimmed mean); where sites were lost this round (failed, or excluded
+by the norm bound), the round falls back to the coordinate-wise median.
 
 Requirements (``n`` = sound replies with examples, ``f`` = ``num-malicious-sites``):
 
@@ -23,6 +25,7 @@ import logging
 from collections.abc import Iterable
 
 from flwr.app import Message
+from flwr.serverapp.strategy import FedMedian
 
 log = logging.getLogger("onfh.server")
 
@@ -65,16 +68,34 @@ def bulyan_problem(n: int, f: int) -> str | None:
 
 
 class _RuleCheck:
-    """Fails the round, before Flower's rule runs, when the rule cannot work for the replies."""
+    """Checks, before Flower's rule runs, that the rule can work for the round's replies.
+
+    Settings that cannot work even when every site asked answers are a configuration error: the
+    round fails with :class:`RobustRuleError`. When sites were lost this round (failed, or excluded
+    by the norm bound) and too few remain for the rule, the round is aggregated by the
+    coordinate-wise median instead, with a warning: losing an attacker must not end the run.
+    """
 
     def _rule_problem(self, n: int) -> str | None:
-        raise NotImplementedError
+        raise NotImplementedError  # each rule's mixin says what it needs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        if replies and (problem := self._rule_problem(len(replies))):
-            where = f"phase {self.state.phase} round {self._absolute(server_round)}"  # type: ignore[attr-defined]
+        if not replies:
+            return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        where = f"phase {self.state.phase} round {self._absolute(server_round)}"  # type: ignore[attr-defined]
+        asked = max(len(self.state.last_sent), len(replies))  # type: ignore[attr-defined]
+        if problem := self._rule_problem(asked):
             raise RobustRuleError(f"{where}: {problem}")
+        if problem := self._rule_problem(len(replies)):
+            log.warning(
+                "%s: %d of %d sites remain; median aggregation this round: %s",
+                where,
+                len(replies),
+                asked,
+                problem,
+            )
+            return FedMedian.aggregate_train(self, server_round, replies)  # type: ignore[arg-type]
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
 

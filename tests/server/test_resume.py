@@ -1,4 +1,4 @@
-"""Issue 14 item 5, faults in every phase: a simulation killed (SIGKILL, its whole process group) in
+"""Faults in every phase: a simulation killed (SIGKILL, its whole process group) in
 phase 1, at the transfer or in phase 2 resumes to the weights of an uninterrupted run of the same
 seed, with one metrics.jsonl line per (phase, round); a FedBN run keeps its sites' own layers.
 
@@ -146,58 +146,39 @@ def workdir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def reference(workdir, tiny_federation) -> Path:
-    """The uninterrupted run every killed run must end equal to."""
-    assert wait(simulate(workdir, tiny_federation, "full"), timeout=900) == 0
-    run_dir = workdir / "outputs" / "full"
-    assert metrics_rounds(run_dir) == ROUNDS
-    return run_dir
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("hold", "checkpointed"),
-    [("pretrain:1", ("pretrain", 1)), ("transfer", ("pretrain", 2)), ("stage:1", ("stage", 1))],
-    ids=["phase1", "transfer", "phase2"],
-)
-def test_item5_killed_in_every_phase_resumes_to_the_same_weights(
-    workdir, tiny_federation, reference, hold, checkpointed
-):
-    name = "killed-" + hold.replace(":", "-")
-    run_dir = workdir / "outputs" / name
-    assert kill_when_held(workdir, name, simulate(workdir, tiny_federation, name, hold=hold)), (
-        f"the run ended before it was held at {hold}"
-    )
-    checkpoint = read_checkpoint(run_dir / "checkpoint.npz")
-    assert (checkpoint.phase, checkpoint.completed_round) == checkpointed
-    assert not (run_dir / "results.json").exists()
-    assert (run_dir / "pretrain_model.npz").exists() == (hold != "pretrain:1")
+def test_item5_killed_in_every_phase_resumes_to_the_same_weights_and_site_layers(workdir, tiny_federation):
+    """One FedBN run killed in phase 1, resumed and killed at the transfer, resumed and killed in
+    phase 2, then resumed to the end: its weights, validation metrics and metrics.jsonl equal an
+    uninterrupted run's, and so do the sites' own normalisation layers (kept in their cache dirs).
 
-    assert wait(simulate(workdir, tiny_federation, name, resume=True), timeout=900) == 0
+    FedBN is the harder case (site state outside the server's checkpoint); one chain of kills keeps
+    the number of simulations at five, so the suite stays within CI's time.
+    """
+    assert wait(simulate(workdir, tiny_federation, "full", config="fedbn.toml"), timeout=900) == 0
+    reference = workdir / "outputs" / "full"
+    assert metrics_rounds(reference) == ROUNDS
+    run_dir = workdir / "outputs" / "killed"
+    for hold, checkpointed in (
+        ("pretrain:1", ("pretrain", 1)),
+        ("transfer", ("pretrain", 2)),
+        ("stage:1", ("stage", 1)),
+    ):
+        proc = simulate(workdir, tiny_federation, "killed", "fedbn.toml", hold, resume=hold != "pretrain:1")
+        assert kill_when_held(workdir, "killed", proc), f"the run ended before it was held at {hold}"
+        checkpoint = read_checkpoint(run_dir / "checkpoint.npz")
+        assert (checkpoint.phase, checkpoint.completed_round) == checkpointed, hold
+        assert not (run_dir / "results.json").exists()
+        assert (run_dir / "pretrain_model.npz").exists() == (hold != "pretrain:1")
+    assert wait(simulate(workdir, tiny_federation, "killed", "fedbn.toml", resume=True), timeout=900) == 0
     assert_same_run(run_dir, reference)
-
-
-@pytest.mark.slow
-def test_item5_fedbn_site_layers_survive_a_resume(workdir, tiny_federation):
-    """FedBN killed in phase 1, resumed and killed in phase 2, resumed to the end: the sites' own
-    normalisation layers (kept in their cache dirs) and the weights equal an uninterrupted run's."""
-    assert wait(simulate(workdir, tiny_federation, "bn-full", config="fedbn.toml"), timeout=900) == 0
-    for hold in ("pretrain:1", "stage:1"):
-        proc = simulate(
-            workdir, tiny_federation, "bn-killed", "fedbn.toml", hold, resume=hold != "pretrain:1"
-        )
-        assert kill_when_held(workdir, "bn-killed", proc), f"the run ended before it was held at {hold}"
-    proc = simulate(workdir, tiny_federation, "bn-killed", "fedbn.toml", resume=True)
-    assert wait(proc, timeout=900) == 0
-    assert_same_run(workdir / "outputs" / "bn-killed", workdir / "outputs" / "bn-full")
 
     sites = sorted((workdir / ".cache" / "onfh").glob("site-*"))
     assert len(sites) == 2
     for site in sites:
         for phase in ("pretrain", "stage"):
-            resumed = np.load(site / "fedbn" / "bn-killed" / phase / "round-0002.npz")
-            expected = np.load(site / "fedbn" / "bn-full" / phase / "round-0002.npz")
+            resumed = np.load(site / "fedbn" / "killed" / phase / "round-0002.npz")
+            expected = np.load(site / "fedbn" / "full" / phase / "round-0002.npz")
             assert resumed.files == expected.files and resumed.files
             for key in expected.files:
                 np.testing.assert_allclose(resumed[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -190,3 +190,20 @@ def test_a_site_joining_after_the_inventory_is_named_by_its_registration():
     strategy.aggregate_train(1, replies)
     flagged = [f for f in state.failures if f["action"] == "flagged"]
     assert [f["site"] for f in flagged] == ["site-late"] and "claims 'site-00'" in flagged[0]["reason"]
+
+
+@pytest.mark.parametrize("rule", ["fedtrimmedavg", "krum", "multikrum"])
+def test_a_site_excluded_by_the_norm_bound_does_not_end_a_robust_round(rule, caplog):
+    # 4 sites, f = 1, trimmed-beta 0.25: an x100 update is excluded, 3 remain, too few for the rule;
+    # the round falls back to the median of the honest three instead of failing the run.
+    named = sites(4)
+    state = PhaseState("stage", sites=dict(named))
+    cfg = RunConfig(strategy=rule, trimmed_beta=0.25, num_malicious_sites=1)
+    strategy = build_strategy(cfg, state, reference(), inventory=INVENTORY)
+    nodes = sorted(named)
+    updates = {n: 1.0 for n in nodes} | {nodes[0]: 100.0}
+    with caplog.at_level(logging.WARNING, logger="onfh.server"):
+        aggregate = train_round(strategy, state, nodes, updates, {n: 20 for n in nodes})
+    np.testing.assert_allclose(aggregate, flat(reference()) + flat(direction()), atol=1e-5)
+    assert [f["action"] for f in state.failures] == ["excluded"]
+    assert "median aggregation this round" in caplog.text
