@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import STRATEGIES, RunConfig
 from common.records import to_record
 from server.robust import RobustRuleError
 from server.strategy import GUARDED, PhaseState, build_strategy
+from tests.server.test_strategy_accounting import server_identity  # noqa: F401  (autouse: Flower's run identity)
 
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
@@ -49,15 +49,6 @@ class NodeGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         raise AssertionError("not for configure_*")
-
-
-@pytest.fixture(autouse=True)
-def server_identity():
-    """What Flower's ServerApp runtime sets before a strategy creates messages."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def reference() -> dict[str, np.ndarray]:
