@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,9 +25,9 @@ from typing import Any
 from common.cli import description
 from common.config import RunConfig
 from common.deployment import flwr_env, flwr_executable
+from common.release import PROJECT_ROOT, stage_app, toml_value
 
 CONNECTION = "onfh"  # the connection's name in the generated Flower config
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FINISHED = "finished"
 
 
@@ -72,66 +71,6 @@ class AdminKit:
         )
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-def stage_app(source: Path, into: Path) -> Path:
-    """Copy the app's Python packages from ``source`` into ``into`` and write its pyproject.toml.
-
-    The generated ``[tool.flwr.app.config]`` is every ``RunConfig`` key with the source
-    pyproject's values over the defaults, so every preset key is a known run-config key.
-    Returns ``into``.
-    """
-    into.mkdir(parents=True, exist_ok=True)
-    pyproject = tomllib.loads((source / "pyproject.toml").read_text())
-    project, flwr_app = pyproject["project"], pyproject["tool"]["flwr"]["app"]
-    packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
-    for package in packages:
-        shutil.copytree(
-            source / package,
-            into / package,
-            dirs_exist_ok=True,
-            ignore=lambda folder, names: [
-                n
-                for n in names
-                if not (n.endswith(".py") or (Path(folder) / n).is_dir()) or n == "__pycache__"
-            ],
-        )
-    config = {**RunConfig().to_dict(), **flwr_app.get("config", {})}
-    lines = [
-        "[build-system]",
-        'requires = ["hatchling"]',
-        'build-backend = "hatchling.build"',
-        "",
-        "[project]",
-        f"name = {json.dumps(project['name'])}",
-        f"version = {json.dumps(project['version'])}",
-        f"description = {json.dumps(project.get('description', project['name']))}",
-        f"license = {json.dumps(project.get('license', 'Apache-2.0'))}",
-        "dependencies = []  # installed at every site beforehand; runs never install anything",
-        "",
-        "[tool.hatch.build.targets.wheel]",
-        f"packages = {json.dumps(packages)}",
-        "",
-        "[tool.flwr.app]",
-        f"publisher = {json.dumps(flwr_app['publisher'])}",
-        "",
-        "[tool.flwr.app.components]",
-        *(f"{k} = {json.dumps(v)}" for k, v in flwr_app["components"].items()),
-        "",
-        "[tool.flwr.app.config]",
-        *(f"{k} = {_toml_value(v)}" for k, v in config.items()),
-        "",
-    ]
-    (into / "pyproject.toml").write_text("\n".join(lines))
-    return into
-
-
 def merged_run_config(presets: list[Path], overrides: list[str]) -> dict[str, Any]:
     """Presets (TOML files, later ones win) then overrides (``"k=v k2=v2"``), checked by ``RunConfig``.
 
@@ -157,7 +96,7 @@ def submit(kit: AdminKit, presets: list[Path], overrides: list[str], app: Path =
     with tempfile.TemporaryDirectory(prefix="onfh-app-") as staging:
         staged = stage_app(app, Path(staging) / "app")
         config_file = Path(staging) / "run-config.toml"  # beside the app, not in its bundle
-        config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+        config_file.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
         args = ["run", str(staged), CONNECTION, "--format", "json", "--run-config", str(config_file)]
         done = kit.flwr(*args, timeout=300)
     reply = _json_reply(done, "flwr run")

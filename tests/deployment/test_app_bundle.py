@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
+from common import release
 from common.config import RunConfig
 from server import provision, runs
 
@@ -31,7 +32,7 @@ def app_with_kits_inside(tmp_path) -> Path:
 
 
 def test_bundle_holds_no_private_key(app_with_kits_inside, tmp_path):
-    staged = runs.stage_app(app_with_kits_inside, tmp_path / "staged")
+    staged = release.stage_app(app_with_kits_inside, tmp_path / "staged")
     fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(staged)))
     names = fab.namelist()
     assert "server/server_app.py" in names and "client/client_app.py" in names
@@ -47,7 +48,7 @@ def test_bundle_holds_no_private_key(app_with_kits_inside, tmp_path):
 
 
 def test_staged_pyproject_accepts_every_preset_key(tmp_path):
-    staged = runs.stage_app(PROJECT, tmp_path / "staged")
+    staged = release.stage_app(PROJECT, tmp_path / "staged")
     pyproject = tomllib.loads((staged / "pyproject.toml").read_text())
     config = pyproject["tool"]["flwr"]["app"]["config"]
     assert set(config) == set(RunConfig().to_dict())
