@@ -1,163 +1,97 @@
 """``onfh site --kit DIR --data DIR``: a hospital's daemon around ``flower-supernode``.
 
-1. Checks the site's data (as ``onfh check``) and refuses to join with nothing usable.
-2. Checks the server before dialling it: a TLS handshake verified against the kit's CA and the
+1. Refuses to start while no release is approved (``onfh site approve``, see ``client.approval``)
+   and prints the digests it will run.
+2. Checks the site's data (as ``onfh check``) and refuses to join with nothing usable.
+3. Checks the server before dialling it: a TLS handshake verified against the kit's CA and the
    server's name. A server that is down is waited for; a certificate that is expired, signed by
    another CA, or for another name, and a server without TLS, are refused with what to do.
-3. Starts ``flower-supernode`` with the CA, the site's private key and the node config
-   (``data-dir``, ``site-name``, ``cache-dir``, ``device``). If the SuperNode stops because the
-   server went away, the daemon waits for the server and starts it again; a key the server does
-   not know is refused with what to send to the central host.
+4. Starts ``flower-supernode`` through the gate (``client.supernode_gate``), which runs only
+   approved app bundles, with the CA, the site's private key and the node config (``data-dir``,
+   ``site-name``, ``cache-dir``, ``device``, ``policy-file``), telemetry and update checks off.
+   If the SuperNode stops because the server went away, the daemon waits for the server and
+   starts it again; a key the server does not know is refused with what to send to the central host.
+
+The cache, the log and the SuperNode's files default to ``$XDG_CACHE_HOME/onfh/SITE`` (mode 0700).
+Other verbs: ``onfh site approve|approved|revoke`` (approvals), ``onfh site keygen`` (site keys).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
-import socket
-import ssl
-import stat
 import subprocess
 import sys
 import threading
 import time
 import tomllib
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
+from client import approval
+from client.site_kit import (
+    DataUnusable,
+    KeyUnknown,
+    SiteKit,
+    SiteRefused,
+    check_data,
+    check_server,
+    node_config,
+    site_home,
+)
 from common.cli import description
 from common.config import PreprocessSettings, RunConfig
-from common.deployment import flower_executable, flwr_env, split_address, stop_process_tree
-from common.sitedata.load import load_site
+from common.deployment import flwr_env, stop_process_tree
+
+__all__ = [
+    "DataUnusable",
+    "KeyUnknown",
+    "SiteKit",
+    "SiteRefused",
+    "check_data",
+    "check_server",
+    "node_config",
+]
 
 EXIT_STOPPED = 0
 EXIT_BAD_ARGS = 2
 EXIT_DATA_UNUSABLE = 3
 EXIT_REFUSED = 4
 RETRY_MAX_S = 30.0
+VERBS = ("approve", "approved", "revoke")  # approvals (client.approval); "keygen": client.keygen
 
 
-class SiteRefused(RuntimeError):
-    """A problem retrying cannot fix; the message says what the hospital's IT team should do."""
-
-
-class KeyUnknown(SiteRefused):
-    """The server does not (yet) know this site's key: it may be registering it right now."""
-
-
-class DataUnusable(SiteRefused):
-    """The site's data folder gives nothing to train on."""
-
-
-@dataclass(frozen=True)
-class SiteKit:
-    """A site kit folder as ``onfh provision`` writes it."""
-
-    kit: Path
-    site_name: str
-    address: str
-
-    @classmethod
-    def load(cls, kit: Path) -> SiteKit:
-        missing = [n for n in ("ca.pem", "site.key", "site.json") if not (kit / n).is_file()]
-        if missing:
-            raise SiteRefused(
-                f"{kit} is not a site kit ({', '.join(missing)} missing): pass the folder 'onfh provision' "
-                "wrote for this hospital (sites/NAME)"
-            )
-        mode = stat.S_IMODE((kit / "site.key").stat().st_mode)
-        if mode & 0o077:
-            raise SiteRefused(
-                f"{kit / 'site.key'} can be read by other users (mode {mode:o}): run 'chmod 600 {kit / 'site.key'}'"
-            )
-        settings = json.loads((kit / "site.json").read_text())
-        return cls(kit.absolute(), str(settings["site-name"]), str(settings["server-address"]))
-
-
-def check_data(data: Path, cache: Path, settings: PreprocessSettings) -> str:
-    """Load the site as training will (building the cache); a one-line summary, or SiteRefused."""
-    if not data.is_dir():
-        raise DataUnusable(f"data folder {data} does not exist: pass the folder holding the DICOM export")
-    try:
-        site = load_site(data, cache, settings, progress=lambda line: print(line, file=sys.stderr))
-    except (ValueError, OSError) as exc:
-        raise DataUnusable(f"the site data cannot be read: {exc}") from None
-    hips, labelled, pairs = len(site.stages), int((site.stages > 0).sum()), len(site.pairs_mr)
-    errors = site.problems.counts()["error"]
-    if hips == 0:
-        raise DataUnusable(
-            f"no usable hip in {data} ({errors} errors): run 'onfh check {data}' and fix what it lists "
-            "(a coronal T1 series per patient and labels.csv are the minimum); not joining the federation"
-        )
-    return f"{hips} hips ({labelled} labelled), {pairs} MR-CT pairs, {errors} data errors (see 'onfh check')"
-
-
-def check_server(address: str, ca: Path, timeout_s: float = 5.0) -> str | None:
-    """TLS handshake with the server, verified against ``ca`` and the server's name.
-
-    Returns None when the server is trustworthy, or a reason when it cannot be reached (worth
-    retrying). Raises SiteRefused for what retrying cannot fix.
-    """
-    host, port = split_address(address)
-    context = ssl.create_default_context(cafile=str(ca))
-    try:
-        raw = socket.create_connection((host, port), timeout=timeout_s)
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc.strerror or exc}"
-    try:
-        with context.wrap_socket(raw, server_hostname=host):
-            return None
-    except ssl.SSLCertVerificationError as exc:
-        if exc.verify_code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
-            raise SiteRefused(
-                f"the server {address} presents an expired certificate: ask the central host to renew it "
-                "('onfh provision' with the federation's CA) and restart 'onfh server'; do not disable TLS"
-            ) from None
-        if exc.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
-            raise SiteRefused(
-                f"the server's certificate is not for {host}: check server-address in {ca.parent / 'site.json'} "
-                "against the address the central host was provisioned with"
-            ) from None
-        raise SiteRefused(
-            f"the server {address} is not signed by this federation's CA ({ca}): {exc.verify_message}. "
-            "Either this kit belongs to another federation (ask the central host for this site's kit) or "
-            "something between this hospital and the server intercepts TLS (ask your network team to "
-            f"allow a direct TLS connection to {address})"
-        ) from None
-    except (ssl.SSLError, ConnectionResetError) as exc:
-        raise SiteRefused(
-            f"the server {address} does not speak TLS ({type(exc).__name__}: {exc}): this is not the onfh "
-            "server, or it runs without encryption; the site never joins without TLS"
-        ) from None
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc.strerror or exc}"
-    finally:
-        raw.close()
-
-
-def node_config(site: str, data: Path, cache: Path, device: str) -> str:
-    """The ``--node-config`` string (TOML values) the ClientApp reads through ``SiteConfig``."""
-    values = {
-        "data-dir": str(data.absolute()),
-        "site-name": site,
-        "cache-dir": str(cache.absolute()),
-        "device": device,
-    }
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
-
-
-def supernode_command(kit: SiteKit, config: str, runtime_port: int) -> list[str]:
-    """The ``flower-supernode`` command line: TLS with the kit's CA, the site key, the node config."""
+def supernode_command(
+    kit: SiteKit, config: str, runtime_port: int, approved: Path, refused_dir: Path | None = None
+) -> list[str]:
+    """The SuperNode's command line: ``flower-supernode`` behind the approval gate, TLS with the kit's CA,
+    the site key, the node config."""
+    # -P: the current folder is not put on sys.path, so no stray client/ beside it is imported.
+    gate = [sys.executable, "-P", "-m", "client.supernode_gate", "--approved", str(approved)]
+    if refused_dir is not None:
+        gate += ["--refused-dir", str(refused_dir)]
     return [
-        flower_executable("flower-supernode"),
+        *gate, "--",
         "--superlink", kit.address,
         "--root-certificates", str(kit.kit / "ca.pem"),
         "--auth-supernode-private-key", str(kit.kit / "site.key"),
         "--node-config", config,
         "--port", str(runtime_port),
     ]  # fmt: skip
+
+
+def pinned_releases(kit: SiteKit, approved: Path) -> list[approval.Approval]:
+    """The approved releases, or SiteRefused with the command to approve one."""
+    try:
+        approvals = approval.load_approvals(approved)
+    except ValueError as exc:
+        raise SiteRefused(str(exc)) from None
+    if not approvals:
+        raise SiteRefused(
+            f"no release is approved in {approved}: this site runs only app bundles it has approved. Review the "
+            f"release installed here and approve it: {approval.approve_command(kit.kit)}"
+        )
+    return approvals
 
 
 def refusal_from_output(lines: list[str], kit: SiteKit) -> SiteRefused | None:
@@ -172,6 +106,11 @@ def refusal_from_output(lines: list[str], kit: SiteKit) -> SiteRefused | None:
         return SiteRefused(
             f"flower-supernode refused its arguments: {text.split('flower-supernode: error:', 1)[1][:200]}"
         )
+    if "onfh gate: cannot guard" in text:
+        return SiteRefused(
+            "the approval gate does not fit the installed Flower version; install the Flower version this "
+            f"release pins (pip install -e . in its folder): {text.split('onfh gate: ', 1)[1][:300]}"
+        )
     if "address already in use" in text:
         return SiteRefused(
             "the SuperNode's local runtime port is taken by another program: pass --runtime-port with a free port"
@@ -179,9 +118,9 @@ def refusal_from_output(lines: list[str], kit: SiteKit) -> SiteRefused | None:
     if "Failed to activate SuperNode" in text:
         return KeyUnknown(
             f"the server does not know this site's key: send {kit.kit / 'site.pub'} (the public key, never "
-            f"site.key) to the central host and ask them to put it in the server kit's site-keys/ as "
-            f"{kit.site_name}.pub and run 'onfh server register --kit KIT' (also spelt 'onfh server --kit KIT "
-            "--register-only'): the running server then accepts this site, no restart needed"
+            f"site.key) to the federation's provisioner ('onfh provision OUT --add-site {kit.site_name}=site.pub') "
+            "and ask the central host to run 'onfh server register --kit KIT': the running server then accepts "
+            "this site, no restart needed (a revoked site is never accepted again)"
         )
     return None
 
@@ -189,8 +128,9 @@ def refusal_from_output(lines: list[str], kit: SiteKit) -> SiteRefused | None:
 class SiteDaemon:
     """Keeps one SuperNode connected: waits for the server, starts, watches, restarts."""
 
-    def __init__(self, kit: SiteKit, config: str, runtime_port: int, log_path: Path) -> None:
+    def __init__(self, kit: SiteKit, config: str, runtime_port: int, log_path: Path, approved: Path) -> None:
         self.kit, self.config, self.runtime_port, self.log_path = kit, config, runtime_port, log_path
+        self.approved = approved
         self.proc: subprocess.Popen | None = None
         self.disconnected = False  # the SuperNode reported a failed connection attempt, not yet a success
 
@@ -210,7 +150,13 @@ class SiteDaemon:
         """Start the SuperNode and relay its output until it exits; SiteRefused if it says why it cannot join."""
         flwr_home = self.log_path.parent / "flwr-home"
         self.proc = subprocess.Popen(
-            supernode_command(self.kit, self.config, self.runtime_port),
+            supernode_command(
+                self.kit,
+                self.config,
+                self.runtime_port,
+                self.approved,
+                self.log_path.parent / "refused-bundles",
+            ),
             env=flwr_env(flwr_home),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -251,6 +197,8 @@ class SiteDaemon:
         elif "Connection successful after" in line and self.disconnected:
             self.disconnected = False
             self._say("connection to the server is back")
+        elif "is not an approved release" in line or "cannot be checked" in line:
+            self._say(line[line.find("refused run") :].rstrip())
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -275,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
         description=description(__doc__, full=True),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 stopped (SIGTERM / Ctrl-C), 2 bad arguments, 3 data unusable, "
-        "4 server or kit refused",
+        "4 server, kit or release refused. Other verbs: onfh site approve|approved|revoke|keygen --help",
     )
     parser.add_argument(
         "--kit", type=Path, required=True, help="this hospital's kit folder from 'onfh provision'"
@@ -284,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
         "--data", type=Path, required=True, help="the site's folder: DICOM export + labels.csv"
     )
     parser.add_argument(
-        "--cache", type=Path, default=None, help="preprocessed hips (default: .DATA-cache beside DATA)"
+        "--cache", type=Path, default=None, help="preprocessed hips (default: ~/.cache/onfh/SITE/cache)"
     )
     parser.add_argument("--device", default="auto", help="torch device for local training (auto, cpu, cuda)")
     parser.add_argument(
@@ -293,7 +241,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset", type=Path, default=None, help="run preset whose preprocessing the check uses"
     )
-    parser.add_argument("--log", type=Path, default=None, help="log file (default: CACHE/../onfh-site.log)")
+    parser.add_argument(
+        "--log", type=Path, default=None, help="log file (default: ~/.cache/onfh/SITE/onfh-site.log)"
+    )
+    parser.add_argument(
+        "--approved", type=Path, default=None, help="approved releases (default: KIT/approved-releases.json)"
+    )
+    parser.add_argument(
+        "--policy", type=Path, default=None, help="the site's policy file (node config policy-file)"
+    )
     parser.add_argument(
         "--max-wait", type=float, default=None, help="give up after the server is down this long (s)"
     )
@@ -324,17 +280,55 @@ def _stay_connected(daemon: SiteDaemon, max_wait_s: float | None, auth_grace_s: 
         time.sleep(2.0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``onfh site --kit DIR --data DIR [--cache DIR] [--device auto] [--runtime-port 9094] [--preset TOML]``.
+def _keygen(argv: list[str]) -> int:
+    """``onfh site keygen ...``: the site's keys (``client.keygen``), imported only when asked for."""
+    try:
+        from client import keygen
+    except ModuleNotFoundError as exc:
+        if exc.name != "client.keygen":
+            raise
+        print("onfh site keygen: not part of this installation (client/keygen.py missing)", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    return int(keygen.main(argv) or 0)
 
-    Returns 0 when stopped (SIGTERM / Ctrl-C), 3 when the data is unusable, 4 when the server or
-    the kit is refused, 2 on bad arguments.
-    """
-    args = _parser().parse_args(argv)
+
+def _prepare(args: argparse.Namespace) -> SiteDaemon:
+    """Kit, approvals, data, paths: everything before the first connection; SiteRefused / ValueError."""
+    kit = SiteKit.load(args.kit)
+    approved = (args.approved or approval.approved_file(kit.kit)).absolute()
+    pinned = pinned_releases(kit, approved)
+    print(f"onfh site: runs only these approved releases ({approved}):", flush=True)
+    for release in pinned:
+        print(f"onfh site:   {release.digest}  approved {release.approved}  {release.note}", flush=True)
     data = args.data.absolute()
-    cache = (args.cache or data.parent / f".{data.name}-cache").absolute()
-    log_path = (args.log or cache.parent / f"onfh-site-{data.name}.log").absolute()
+    home = site_home(kit.site_name) if args.cache is None or args.log is None else None
+    cache = (args.cache or home / "cache").absolute()
+    log_path = (args.log or home / "onfh-site.log").absolute()
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.policy is not None and not args.policy.is_file():
+        raise FileNotFoundError(
+            f"policy file {args.policy} not found: pass the site's policy file or leave --policy out"
+        )
+    if not args.skip_check:
+        print(f"onfh site: checking {data} ...", flush=True)
+        print(f"onfh site: data usable: {check_data(data, cache, _settings(args.preset))}", flush=True)
+    config = node_config(kit.site_name, data, cache, args.device, args.policy)
+    return SiteDaemon(kit, config, args.runtime_port, log_path, approved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``onfh site [start] --kit DIR --data DIR [--cache DIR] [--device auto] [--runtime-port 9094] [--preset TOML]
+    [--policy FILE] [--approved FILE]``; ``onfh site approve|approved|revoke|keygen ...``.
+
+    Returns 0 when stopped (SIGTERM / Ctrl-C), 3 when the data is unusable, 4 when the server,
+    the kit or the release is refused, 2 on bad arguments.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in VERBS:
+        return approval.main(argv[0], argv[1:])
+    if argv and argv[0] == "keygen":
+        return _keygen(argv[1:])
+    args = _parser().parse_args(argv[1:] if argv and argv[0] == "start" else argv)
     daemon: SiteDaemon | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -342,12 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        kit = SiteKit.load(args.kit)
-        if not args.skip_check:
-            print(f"onfh site: checking {data} ...", flush=True)
-            print(f"onfh site: data usable: {check_data(data, cache, _settings(args.preset))}", flush=True)
-        config = node_config(kit.site_name, data, cache, args.device)
-        daemon = SiteDaemon(kit, config, args.runtime_port, log_path)
+        daemon = _prepare(args)
         _stay_connected(daemon, args.max_wait, args.auth_grace)
     except KeyboardInterrupt:
         code, message = EXIT_STOPPED, "stopped"

@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,13 @@ from common.training.weights import get_local_state, get_shared_state, set_share
 log = logging.getLogger("onfh.client")
 
 LocalState = dict[str, np.ndarray]
+# Called between the steps of a task with what was just done; raises to stop the task (the site
+# policy's wall-time bound, client.policy.Deadline.check).
+TaskCheck = Callable[[str], None]
+
+
+def _no_check(done: str) -> None:
+    """The check of a task without a wall-time bound."""
 
 
 _LOADED: dict[tuple, SiteData] = {}
@@ -128,10 +136,15 @@ def train_round(
     global_arrays: dict[str, np.ndarray],
     phase_round: int,
     local: LocalState | None,
+    check: TaskCheck = _no_check,
 ) -> tuple[dict[str, np.ndarray], dict[str, float], LocalState]:
-    """One round of local training. Returns (weights to send, metrics, local state to keep)."""
+    """One round of local training. Returns (weights to send, metrics, local state to keep).
+
+    ``check`` is called once the site's data are loaded and after every local epoch.
+    """
     started = time.time()
     data = site_data(site, cfg)
+    check("loading the site data")
     seed = round_seed(cfg, phase, phase_round, site.site_name)
     seed_everything(seed)
     net = _model(phase, cfg, global_arrays, local)
@@ -148,6 +161,7 @@ def train_round(
             PairDataset(mr, ct),
             cfg.pretrain_training(seed),
             reference_state=reference,
+            progress=check,
         )
     else:
         images, available, stages = data.staging_set("train")
@@ -158,6 +172,7 @@ def train_round(
             HipDataset(images, available, stages),
             cfg.stage_training(seed),
             reference_state=reference,
+            progress=check,
         )
     metrics = {
         "num-examples": int(stats["n_samples"]),
@@ -178,9 +193,14 @@ def evaluate_round(
     cfg: RunConfig,
     global_arrays: dict[str, np.ndarray],
     local: LocalState | None,
+    check: TaskCheck = _no_check,
 ) -> dict[str, float | list[float]]:
-    """Score the global model on the site's own ``split`` hips (or pairs); aggregates only."""
+    """Score the global model on the site's own ``split`` hips (or pairs); aggregates only.
+
+    ``check`` is called once the site's data are loaded (the scoring pass is not interrupted).
+    """
     data = site_data(site, cfg)
+    check("loading the site data")
     net = _model(phase, cfg, global_arrays, local)
     if phase == "pretrain":
         mr, ct = data.pair_set(split)

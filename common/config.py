@@ -372,19 +372,21 @@ class SiteConfig:
     data_dir: Path
     cache_dir: Path
     device: str = "auto"
+    policy_file: Path | None = None  # node config ``policy-file``: the site's limits; None = the defaults
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any], run: RunConfig) -> SiteConfig:
-        """Deployment: ``data-dir`` (+ ``site-name``, ``cache-dir``, ``device``) in node config.
-        Simulation: ``partition-id`` picks ``site-NN`` under the run's ``data-root``."""
+        """Deployment: ``data-dir`` (+ ``site-name``, ``cache-dir``, ``device``, ``policy-file``) in node
+        config. Simulation: ``partition-id`` picks ``site-NN`` under the run's ``data-root``."""
+        policy = Path(str(node_config["policy-file"])) if node_config.get("policy-file") else None
         if "data-dir" in node_config:
             data_dir = Path(str(node_config["data-dir"]))
             name = str(node_config.get("site-name", data_dir.name))
             cache = Path(str(node_config.get("cache-dir", data_dir.parent / f".{data_dir.name}-cache")))
-            return cls(name, data_dir, cache, str(node_config.get("device", run.device)))
+            return cls(name, data_dir, cache, str(node_config.get("device", run.device)), policy)
         if "partition-id" in node_config:
             name = f"site-{int(node_config['partition-id']):02d}"
-            return cls(name, Path(run.data_root) / name, Path(run.cache_dir) / name, run.device)
+            return cls(name, Path(run.data_root) / name, Path(run.cache_dir) / name, run.device, policy)
         raise ValueError(
             "node config has neither 'data-dir' (deployment) nor 'partition-id' (simulation): start the "
             "SuperNode with --node-config \"data-dir='/path/to/site' site-name='my-hospital'\""

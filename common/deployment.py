@@ -49,11 +49,15 @@ def flwr_executable() -> str:
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """The environment for a ``flwr``/Flower process: our FLWR_HOME, the venv first on PATH, no installs."""
+    """The environment for a ``flwr``/Flower process: our FLWR_HOME, the venv first on PATH, no installs,
+    no telemetry, no update check."""
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home.absolute())
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # Nothing phones home from a hospital or the central host: no telemetry, no update check.
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

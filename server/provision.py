@@ -1,25 +1,37 @@
-"""``onfh provision``: the CA, the SuperLink's TLS certificate, one key pair per site, and one kit per party.
+"""``onfh provision``: the CA, the SuperLink's TLS certificate, and kits for the public keys the parties sent.
 
-Layout written under OUT (every private key 0600, every kit folder 0700)::
+Keys are born where they are used; the provisioner never holds a hospital's or an administrator's
+private key. The flow for a hospital:
 
-    OUT/provision.json        address, sites, expiry dates (no secret)
-    OUT/ca/                   ca.pem + ca.key: the federation's CA; keep ca.key offline
-    OUT/server/               server kit: ca.pem, server.pem, server.key, server.json, site-keys/NAME.pub
-    OUT/admin/                admin kit: ca.pem, admin.json (what ``flwr`` needs to reach the SuperLink)
-    OUT/sites/NAME/           site kit: ca.pem, site.key, site.pub, site.json
+1. the hospital runs ``onfh site keygen --kit DIR --name NAME``: ``DIR/site.key`` stays there;
+2. it sends ``DIR/site.pub`` (never site.key) to the provisioner, who runs
+   ``onfh provision OUT --server-address HOST:PORT --site NAME=PATH/site.pub``;
+3. the provisioner sends ``OUT/sites/NAME/`` back (ca.pem, site.json: nothing secret); the
+   hospital copies ca.pem and site.json into DIR beside site.key, and DIR is its site kit.
 
-Sites authenticate with an EC P-384 key pair in OpenSSH format (what ``flwr supernode register``
-and ``flower-supernode --auth-supernode-private-key`` take); the server authenticates with a
-certificate for its address signed by the CA. ``--add-site NAME`` issues only NAME's kit and
-puts its public key into the server kit; nothing else is re-issued. A server that is already
-running accepts the new key after ``onfh server register --kit KIT``.
+An administrator does the same with ``onfh run keygen --kit DIR --name NAME`` (admin.key stays,
+admin.csr travels, ``--admin NAME=PATH/admin.csr``) and copies ca.pem, admin.pem and admin.json
+from ``OUT/admin/NAME/`` into DIR beside admin.key.
+
+Layout written under OUT (private keys 0600, kit folders 0700)::
+
+    OUT/provision.json     address, ports, sites, admins, expiry dates (no secret)
+    OUT/ca/                ca.pem + ca.key (encrypted with --ca-passphrase-file); keep ca.key offline
+    OUT/server/            server kit: ca.pem, server.pem, server.key, server.json, site-keys/NAME.pub
+    OUT/sites/NAME/        back to hospital NAME: ca.pem, site.json, site.pub (the key it sent)
+    OUT/admin/NAME/        back to administrator NAME: ca.pem, admin.pem (client certificate), admin.json
+
+``--add-site NAME=PUB`` and ``--add-admin NAME=CSR`` add one party to an existing OUT and change
+nothing else (a running server accepts a new site after ``onfh server register --kit KIT``).
+``--renew-server`` issues a new server key and certificate under the same CA; site and admin
+kits stay valid, since they trust the CA. The CA passphrase comes from ``--ca-passphrase-file``
+or the environment variable ``ONFH_CA_PASSPHRASE``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import ipaddress
 import json
 import os
 import sys
@@ -27,18 +39,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.cli import description
 from common.deployment import split_address
 from common.files import write_atomic
-
-CA_DAYS = 3650  # ten years: the CA outlives server certificates, which are renewed
-SERVER_DAYS = 397  # the longest lifetime public CAs still issue; renew yearly
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # the SuperLink's own ServerApp dials it locally
-SITE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+from common.keys import check_name, load_csr, load_site_public_key, site_public_line
+from server.certificates import (
+    CA_DAYS,
+    PASSPHRASE_ENV,
+    SERVER_DAYS,
+    check_lifetime,
+    create_ca,
+    issue_admin_certificate,
+    issue_server_certificate,
+    key_pem,
+    load_ca,
+    pem,
+    read_passphrase,
+    save_ca,
+)
 
 
 @dataclass(frozen=True)
@@ -51,25 +71,8 @@ class Provisioned:
     server_expires: dt.datetime
 
 
-def check_site_name(name: str) -> str:
-    """A site name is a folder name and a node label: lowercase letters, digits, '-' and '_'."""
-    if not name or not set(name) <= SITE_NAME_CHARS or name in ("server", "admin", "ca"):
-        raise ValueError(
-            f"site name {name!r} is not usable: use lowercase letters, digits, '-' and '_' "
-            "(e.g. --sites hospital-a,hospital-b)"
-        )
-    return name
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``path`` with mode 0600 from the start (never readable by others, not even briefly)."""
-    write_atomic(path, data, mode=0o600)
-
-
 def _write_public(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.chmod(path, 0o644)
+    write_atomic(path, data.encode() if isinstance(data, str) else data, mode=0o644)
 
 
 def _kit_dir(path: Path) -> Path:
@@ -78,219 +81,208 @@ def _kit_dir(path: Path) -> Path:
     return path
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "onfh-fl federation"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def create_ca(
-    days: int = CA_DAYS, now: dt.datetime | None = None
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A self-signed P-384 CA valid ``days`` from ``now`` (UTC): (private key, certificate)."""
-    now = now or dt.datetime.now(dt.UTC)
-    key = ec.generate_private_key(ec.SECP384R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("onfh-fl federation CA"))
-        .issuer_name(_name("onfh-fl federation CA"))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA384())
-    )
-    return key, cert
+def _record(out: Path, flag: str) -> dict:
+    if not (path := out / "provision.json").is_file():
+        raise FileNotFoundError(f"{path} not found: {flag} needs the folder 'onfh provision' wrote")
+    record = json.loads(path.read_text())
+    record.setdefault("admin-port", split_address(record["server-address"])[1] + 1)  # older folders
+    return record
 
 
-def _san_entry(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
+def _save_record(out: Path, record: dict) -> None:
+    _write_public(out / "provision.json", json.dumps(record, indent=2))
 
 
-def issue_server_certificate(
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    host: str,
-    days: int = SERVER_DAYS,
-    now: dt.datetime | None = None,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The SuperLink's TLS key and certificate, signed by the CA, valid ``days`` from ``now``.
-
-    The subject alternative names hold ``host`` (what sites and the admin dial) and the
-    loopback names (the SuperLink's own ServerApp process dials it on this host).
-    """
-    now = now or dt.datetime.now(dt.UTC)
-    key = ec.generate_private_key(ec.SECP384R1())
-    names = [host] + [n for n in LOOPBACK_NAMES if n != host]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(host))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([_san_entry(n) for n in names]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
-    return key, cert
+def _done(out: Path, record: dict, kits: dict[str, Path]) -> Provisioned:
+    expiry = [dt.datetime.fromisoformat(record[k]) for k in ("ca-expires", "server-certificate-expires")]
+    return Provisioned(out, kits, *expiry)
 
 
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def site_key_pair(site: str) -> tuple[bytes, bytes]:
-    """A new P-384 key pair for SuperNode authentication: (OpenSSH private key, OpenSSH public key line)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, public + f" onfh-site-{site}\n".encode()
-
-
-def _write_site_kit(out: Path, site: str, ca_pem: bytes, address: str) -> Path:
-    kit = out / "sites" / site
-    if kit.exists():
+def _site_line(out: Path, site: str, public_key: Path, taken: dict[bytes, str]) -> bytes:
+    """``site``'s checked public key as a site.pub line; refused when another site already has that key."""
+    line = site_public_line(load_site_public_key(public_key, check_name(site)), site)
+    if (kit := out / "sites" / site).exists():
         raise FileExistsError(
-            f"{kit} already exists: site {site!r} was provisioned before; pick another name, or "
-            "delete that folder (and unregister its key) to re-issue it"
+            f"{kit} already exists: site {site!r} was provisioned before; pick another name, or delete "
+            f"that folder and server/site-keys/{site}.pub (and unregister its key) to re-issue it"
         )
-    _kit_dir(kit)
-    private, public = site_key_pair(site)
+    key = line.split()[1]
+    if key in taken:
+        raise ValueError(
+            f"{public_key} holds the same key as site {taken[key]!r}: each hospital makes its own with "
+            "'onfh site keygen'; ask this one for its own site.pub"
+        )
+    taken[key] = site
+    return line
+
+
+def _registered_keys(out: Path) -> dict[bytes, str]:
+    """Key (base64 field of the OpenSSH line) -> site, for every key in the server kit's site-keys/."""
+    return {p.read_bytes().split()[1]: p.stem for p in (out / "server" / "site-keys").glob("*.pub")}
+
+
+def _write_site_kit(out: Path, site: str, line: bytes, address: str, ca_pem: bytes) -> Path:
+    kit = _kit_dir(out / "sites" / site)
     _write_public(kit / "ca.pem", ca_pem)
-    _write_private(kit / "site.key", private)
-    _write_public(kit / "site.pub", public)
+    _write_public(kit / "site.pub", line)
     _write_public(kit / "site.json", json.dumps({"site-name": site, "server-address": address}, indent=2))
-    _write_public(out / "server" / "site-keys" / f"{site}.pub", public)
+    _write_public(out / "server" / "site-keys" / f"{site}.pub", line)
     return kit
 
 
-def _expiry(cert: x509.Certificate) -> dt.datetime:
-    return cert.not_valid_after_utc
+def _admin_request(out: Path, name: str, csr_path: Path) -> x509.CertificateSigningRequest:
+    csr = load_csr(csr_path, check_name(name, "admin"))
+    if (kit := out / "admin" / name).exists():
+        raise FileExistsError(
+            f"{kit} already exists: admin {name!r} was provisioned before; pick another name, or delete "
+            "that folder to re-issue it"
+        )
+    return csr
+
+
+def _write_admin_kit(
+    out: Path, name: str, cert: x509.Certificate, ca_cert: x509.Certificate, record: dict
+) -> Path:
+    host, _ = split_address(record["server-address"])
+    settings = {
+        "server-address": record["server-address"],
+        "admin-address": _address(host, int(record["admin-port"])),
+        "admin-name": name,
+    }
+    kit = _kit_dir(out / "admin" / name)
+    _write_public(kit / "ca.pem", pem(ca_cert))
+    _write_public(kit / "admin.pem", pem(cert))
+    _write_public(kit / "admin.json", json.dumps(settings, indent=2))
+    return kit
+
+
+def _write_server_kit(out: Path, ca_pem: bytes, key: ec.EllipticCurvePrivateKey, cert, record: dict) -> Path:
+    """``out/server``: the CA, the server's key and certificate (``cert``), server.json, site-keys/."""
+    server = _kit_dir(out / "server")
+    _kit_dir(server / "site-keys")
+    _write_public(server / "ca.pem", ca_pem)
+    _write_public(server / "server.pem", pem(cert))
+    write_atomic(server / "server.key", key_pem(key), mode=0o600)
+    _, port = split_address(record["server-address"])
+    settings = {"server-address": record["server-address"], "port": port, "admin-port": record["admin-port"]}
+    _write_public(server / "server.json", json.dumps(settings, indent=2))
+    return server
 
 
 def provision(
     out: Path,
     server_address: str,
-    sites: list[str],
+    sites: dict[str, Path],
+    admins: dict[str, Path] | None = None,
     server_days: int = SERVER_DAYS,
     ca_days: int = CA_DAYS,
     now: dt.datetime | None = None,
+    ca_passphrase: bytes | None = None,
+    admin_port: int | None = None,
 ) -> Provisioned:
-    """Create the CA, the server, admin and site kits under ``out`` (which must not hold a federation yet).
+    """Create the CA and the server, site and admin kits under ``out`` (which must not hold a federation yet).
 
     Args:
         out: the folder to write (created).
-        server_address: ``HOST:PORT`` the sites and the admin will dial.
-        sites: site names (lowercase letters, digits, '-', '_').
-        server_days, ca_days: certificate lifetimes in days.
+        server_address: ``HOST:PORT`` the sites dial.
+        sites: site name -> the ``site.pub`` that hospital sent (``onfh site keygen``).
+        admins: admin name -> the ``admin.csr`` that administrator sent (``onfh run keygen``).
+        server_days, ca_days: certificate lifetimes in days (admin certificates: ``server_days``).
         now: the validity start (UTC); a past date issues an already expired certificate (tests).
+        ca_passphrase: encrypts ``ca.key`` when given.
+        admin_port: where the SuperLink's admin (Control API) listens; default the port after the sites'.
     """
     host, port = split_address(server_address)
-    sites = [check_site_name(s) for s in sites]
-    if len(set(sites)) != len(sites):
-        raise ValueError(f"site names repeat in {sites}: give each hospital its own name")
+    admin_port = port + 1 if admin_port is None else admin_port
+    if not 0 < admin_port < 65536 or admin_port == port:
+        raise ValueError(f"admin port {admin_port} is not usable: give one in 1-65535 other than {port}")
     if (out / "provision.json").exists():
         raise FileExistsError(
-            f"{out} already holds a federation (provision.json): use --add-site NAME to add a site, "
+            f"{out} already holds a federation (provision.json): use --add-site NAME=PUB to add a site, "
             "or choose an empty folder"
         )
+    taken: dict[bytes, str] = {}  # everything is checked before anything is written
+    lines = {site: _site_line(out, site, path, taken) for site, path in sites.items()}
+    requests = {name: _admin_request(out, name, path) for name, path in (admins or {}).items()}
     ca_key, ca_cert = create_ca(ca_days, now)
+    check_lifetime(server_days, ca_cert, now)
     server_key, server_cert = issue_server_certificate(ca_key, ca_cert, host, server_days, now)
-    ca_pem = _pem(ca_cert)
-
-    _kit_dir(out / "ca")
-    _write_public(out / "ca" / "ca.pem", ca_pem)
-    _write_private(out / "ca" / "ca.key", _key_pem(ca_key))
-
-    server = _kit_dir(out / "server")
-    _kit_dir(server / "site-keys")
-    _write_public(server / "ca.pem", ca_pem)
-    _write_public(server / "server.pem", _pem(server_cert))
-    _write_private(server / "server.key", _key_pem(server_key))
-    _write_public(
-        server / "server.json", json.dumps({"server-address": server_address, "port": port}, indent=2)
-    )
-
-    admin = _kit_dir(out / "admin")
-    _write_public(admin / "ca.pem", ca_pem)
-    _write_public(admin / "admin.json", json.dumps({"server-address": server_address}, indent=2))
-
-    kits = {"server": server, "admin": admin}
-    for site in sites:
-        kits[f"site {site}"] = _write_site_kit(out, site, ca_pem, server_address)
     record = {
         "server-address": server_address,
-        "sites": sites,
-        "ca-expires": _expiry(ca_cert).isoformat(),
-        "server-certificate-expires": _expiry(server_cert).isoformat(),
+        "admin-port": admin_port,
+        "sites": list(lines),
+        "admins": list(requests),
+        "ca-expires": ca_cert.not_valid_after_utc.isoformat(),
+        "server-certificate-expires": server_cert.not_valid_after_utc.isoformat(),
     }
-    _write_public(out / "provision.json", json.dumps(record, indent=2))
-    return Provisioned(out, kits, _expiry(ca_cert), _expiry(server_cert))
+
+    save_ca(_kit_dir(out / "ca"), ca_key, ca_cert, ca_passphrase)
+    kits = {"server": _write_server_kit(out, pem(ca_cert), server_key, server_cert, record)}
+    for site, line in lines.items():
+        kits[f"site {site}"] = _write_site_kit(out, site, line, server_address, pem(ca_cert))
+    for name, csr in requests.items():
+        cert = issue_admin_certificate(ca_key, ca_cert, name, csr, server_days, now)
+        kits[f"admin {name}"] = _write_admin_kit(out, name, cert, ca_cert, record)
+    _save_record(out, record)
+    return _done(out, record, kits)
 
 
-def add_site(out: Path, site: str) -> Provisioned:
-    """Issue only ``site``'s kit (a new key pair) in an existing federation ``out``; nothing else changes
-    except the new public key in the server kit's ``site-keys/`` and the site list in provision.json."""
-    record_path = out / "provision.json"
-    if not record_path.exists():
-        raise FileNotFoundError(
-            f"{record_path} not found: --add-site needs the folder an earlier 'onfh provision' wrote"
-        )
-    record = json.loads(record_path.read_text())
-    site = check_site_name(site)
-    ca_pem = (out / "ca" / "ca.pem").read_bytes()
-    kit = _write_site_kit(out, site, ca_pem, record["server-address"])
+def add_site(out: Path, site: str, public_key: Path, ca_passphrase: bytes | None = None) -> Provisioned:
+    """Add ``site`` (its ``site.pub`` at ``public_key``) to the federation in ``out``.
+
+    Writes ``sites/NAME/`` and the server kit's ``site-keys/NAME.pub`` and adds the name to
+    provision.json; nothing else changes. A site kit holds no certificate, so the CA key is not
+    opened (``ca_passphrase`` is accepted so that every ``--add-*`` takes the same options).
+    """
+    del ca_passphrase
+    record = _record(out, "--add-site")
+    line = _site_line(out, site, public_key, _registered_keys(out))
+    kit = _write_site_kit(out, site, line, record["server-address"], (out / "ca" / "ca.pem").read_bytes())
     record["sites"] = [*record["sites"], site]
-    _write_public(record_path, json.dumps(record, indent=2))
-    return Provisioned(
-        out,
-        {f"site {site}": kit},
-        dt.datetime.fromisoformat(record["ca-expires"]),
-        dt.datetime.fromisoformat(record["server-certificate-expires"]),
-    )
+    _save_record(out, record)
+    return _done(out, record, {f"site {site}": kit})
+
+
+def add_admin(
+    out: Path, name: str, csr: Path, ca_passphrase: bytes | None = None, days: int = SERVER_DAYS
+) -> Provisioned:
+    """Certify administrator ``name``'s key (the request ``csr``) for ``days``: writes ``admin/NAME/`` only."""
+    record = _record(out, "--add-admin")
+    request = _admin_request(out, name, csr)
+    ca_key, ca_cert = load_ca(out / "ca", ca_passphrase)
+    check_lifetime(days, ca_cert, None)
+    cert = issue_admin_certificate(ca_key, ca_cert, name, request, days)
+    kit = _write_admin_kit(out, name, cert, ca_cert, record)
+    record["admins"] = [*record.get("admins", []), name]
+    _save_record(out, record)
+    return _done(out, record, {f"admin {name}": kit})
+
+
+def renew_server(
+    out: Path, days: int = SERVER_DAYS, ca_passphrase: bytes | None = None, now: dt.datetime | None = None
+) -> Provisioned:
+    """A new server key and certificate under the same CA, written into ``out/server``; nothing else changes."""
+    record = _record(out, "--renew-server")
+    ca_key, ca_cert = load_ca(out / "ca", ca_passphrase)
+    check_lifetime(days, ca_cert, now)
+    host, _ = split_address(record["server-address"])
+    key, cert = issue_server_certificate(ca_key, ca_cert, host, days, now)
+    server = _write_server_kit(out, pem(ca_cert), key, cert, record)
+    record["server-certificate-expires"] = cert.not_valid_after_utc.isoformat()
+    _save_record(out, record)
+    return _done(out, record, {"server": server})
 
 
 def add_site_next_steps(out: Path, site: str) -> str:
-    """What to do after ``--add-site``: hand over the kit, put the key on the central host, register it."""
+    """What to do after ``--add-site``: hand the kit back, register the key with the running server."""
     return (
         f"added site {site}. Next:\n"
-        f"  1. give {out / 'sites' / site}/ to hospital {site} only (it holds site.key)\n"
+        f"  1. send {out / 'sites' / site}/ back to hospital {site} (no secret inside); it copies ca.pem and "
+        "site.json into its kit folder, beside site.key\n"
         f"  2. on the central host, put {site}.pub into the server kit's site-keys/ (already there when "
         f"the server runs from {out / 'server'})\n"
         "  3. there, run 'onfh server register --kit KIT' (with the --host/--port/--work the server runs "
@@ -303,41 +295,100 @@ def _print_summary(done: Provisioned) -> None:
     for party, kit in done.kits.items():
         print(f"  {party:<18} {kit}")
     print(f"CA certificate expires      {done.ca_expires:%Y-%m-%d %H:%M} UTC")
-    print(f"server certificate expires  {done.server_expires:%Y-%m-%d %H:%M} UTC (renew before then)")
-    print("site keys do not expire; revoke one with 'flwr supernode unregister' from the admin kit")
-    print(f"keep {done.out / 'ca' / 'ca.key'} offline: it is needed only to renew the server certificate")
+    print(f"server certificate expires  {done.server_expires:%Y-%m-%d %H:%M} UTC (renew with --renew-server)")
+    print(
+        "site keys do not expire; revoke a site for good with 'onfh server revoke SITE --kit KIT' on the central host"
+    )
+    if [p for p in done.kits if p.startswith(("site ", "admin "))]:
+        print("send each sites/NAME/ and admin/NAME/ back to its owner: they copy its files beside their key")
+    ca_key = done.out / "ca" / "ca.key"
+    if ca_key.is_file():
+        kind = (
+            "encrypted"
+            if b"ENCRYPTED" in ca_key.read_bytes()[:64]
+            else "NOT encrypted; see --ca-passphrase-file"
+        )
+        print(f"keep {ca_key} offline ({kind}): it signs server renewals and admin certificates")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``onfh provision --server-address HOST:PORT --sites a,b,c OUT`` or ``onfh provision --add-site NAME OUT``."""
+def _named_path(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH (e.g. north=inbox/north/site.pub)")
+    return name, Path(path)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onfh provision",
         description=description(__doc__, full=True),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("out", type=Path, help="folder to write the CA and kits into")
-    parser.add_argument("--server-address", help="HOST:PORT the hospitals and the admin dial")
-    parser.add_argument("--sites", default="", help="comma-separated site names, e.g. hospital-a,hospital-b")
-    parser.add_argument("--add-site", metavar="NAME", help="issue one more site's kit in an existing OUT")
+    parser.add_argument("out", type=Path, help="folder the CA and kits are written into")
+    parser.add_argument("--server-address", help="HOST:PORT the hospitals dial")
+    repeat = {"type": _named_path, "action": "append", "default": []}
+    parser.add_argument("--site", metavar="NAME=PUB", help="a hospital and the site.pub it sent", **repeat)
+    parser.add_argument("--admin", metavar="NAME=CSR", help="an admin and the admin.csr they sent", **repeat)
+    parser.add_argument("--admin-port", type=int, help="the SuperLink's admin port (default: PORT+1)")
+    parser.add_argument("--sites", help=argparse.SUPPRESS)  # the old flow, refused with the new one
+    verbs = parser.add_mutually_exclusive_group()
+    verbs.add_argument("--add-site", type=_named_path, metavar="NAME=PUB", help="add one hospital to OUT")
+    verbs.add_argument("--add-admin", type=_named_path, metavar="NAME=CSR", help="add one admin to OUT")
+    verbs.add_argument("--renew-server", action="store_true", help="new server key and certificate, same CA")
+    days = "lifetime in days of the {} certificate (default {})"
     parser.add_argument(
-        "--days", type=int, default=SERVER_DAYS, help=f"server certificate lifetime (default {SERVER_DAYS})"
+        "--days", type=int, default=SERVER_DAYS, help=days.format("server/admin", SERVER_DAYS)
     )
-    parser.add_argument(
-        "--ca-days", type=int, default=CA_DAYS, help=f"CA certificate lifetime (default {CA_DAYS})"
-    )
+    parser.add_argument("--ca-days", type=int, default=CA_DAYS, help=days.format("CA", CA_DAYS))
+    phrase = f"a file whose first line is the CA key's passphrase (or ${PASSPHRASE_ENV})"
+    parser.add_argument("--ca-passphrase-file", type=Path, metavar="FILE", help=phrase)
+    return parser
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Provisioned:
+    passphrase = read_passphrase(args.ca_passphrase_file)
+    if args.add_site:
+        done = add_site(args.out, *args.add_site, ca_passphrase=passphrase)
+        print(add_site_next_steps(args.out, args.add_site[0]))
+        return done
+    if args.add_admin:
+        done = add_admin(args.out, *args.add_admin, ca_passphrase=passphrase, days=args.days)
+        print(f"added admin {args.add_admin[0]}: send {args.out / 'admin' / args.add_admin[0]}/ back to them")
+        return done
+    if args.renew_server:
+        done = renew_server(args.out, args.days, passphrase)
+        steps = "into the central host's server kit and restart 'onfh server'; site and admin kits stay valid"
+        print(
+            f"renewed the server certificate: copy server.pem and server.key from {done.kits['server']} {steps}"
+        )
+        return done
+    if args.sites is not None:
+        parser.error(
+            "--sites is gone: each hospital makes its own key ('onfh site keygen --kit DIR --name NAME') "
+            "and sends DIR/site.pub; pass --site NAME=PATH/site.pub once per hospital"
+        )
+    if not args.server_address:
+        parser.error("--server-address HOST:PORT is required (or --add-site, --add-admin, --renew-server)")
+    if args.days < 1 or args.ca_days <= args.days:
+        parser.error("--days must be >= 1 and --ca-days longer than --days")
+    sites, admins = dict(args.site), dict(args.admin)
+    if len(sites) != len(args.site) or len(admins) != len(args.admin):
+        parser.error("a name repeats in --site/--admin: give each hospital and administrator its own")
+    done = provision(
+        args.out, args.server_address, sites, admins, args.days, args.ca_days,
+        ca_passphrase=passphrase, admin_port=args.admin_port,
+    )  # fmt: skip
+    print(f"provisioned a federation for {args.server_address} in {args.out}")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``onfh provision OUT --server-address HOST:PORT --site NAME=PUB ...``, or one of ``--add-site``,
+    ``--add-admin``, ``--renew-server`` on an existing OUT."""
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.add_site:
-            done = add_site(args.out, args.add_site)
-            print(add_site_next_steps(args.out, args.add_site))
-        else:
-            if not args.server_address:
-                parser.error("--server-address HOST:PORT is required (or --add-site NAME)")
-            sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-            if args.days < 1 or args.ca_days <= args.days:
-                parser.error("--days must be >= 1 and --ca-days longer than --days")
-            done = provision(args.out, args.server_address, sites, args.days, args.ca_days)
-            print(f"provisioned a federation for {args.server_address} in {args.out}")
+        done = _run(args, parser)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"onfh provision: {exc}", file=sys.stderr)
         return 2

@@ -13,62 +13,90 @@ folder, least of all a kit or a key, can end up in the bundle.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from common.cli import description
 from common.config import RunConfig
-from common.deployment import flwr_env, flwr_executable
+from common.deployment import flwr_env, flwr_executable, split_address
 from common.release import PROJECT_ROOT, stage_app, toml_value
+from server.front import LocalRelay
 
 CONNECTION = "onfh"  # the connection's name in the generated Flower config
 FINISHED = "finished"
 
 
-def write_flwr_connection(flwr_home: Path, address: str, ca_pem: Path) -> Path:
-    """Write ``flwr_home/config.toml`` with one default TLS connection to ``address``; returns its path."""
+def write_flwr_connection(flwr_home: Path, address: str, ca_pem: Path | None) -> Path:
+    """Write ``flwr_home/config.toml`` with one default connection to ``address``; returns its path.
+
+    TLS verified against ``ca_pem``; without one, plain HTTP (only ever to the admin's own loopback relay).
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
     config = flwr_home / "config.toml"
+    security = (
+        f"root-certificates = {json.dumps(str(ca_pem.absolute()))}\n" if ca_pem else "insecure = true\n"
+    )
     config.write_text(
         "[superlink]\n"
         f'default = "{CONNECTION}"\n\n'
         f"[superlink.{CONNECTION}]\n"
-        f"address = {json.dumps(address)}\n"
-        f"root-certificates = {json.dumps(str(ca_pem.absolute()))}\n"
+        f"address = {json.dumps(address)}\n" + security
     )
     return config
 
 
 class AdminKit:
-    """An admin kit folder: ``admin.json`` (server address) and ``ca.pem``."""
+    """An admin kit folder: ``admin.json`` (addresses), ``ca.pem``, ``admin.pem`` and ``admin.key``.
+
+    Every ``flwr`` command goes through a relay on this machine's loopback that presents the
+    admin certificate to the server's admin door (Flower's CLI cannot present one itself).
+    """
+
+    FILES = ("admin.json", "ca.pem", "admin.pem", "admin.key")
 
     def __init__(self, kit: Path) -> None:
-        settings = kit / "admin.json"
-        if not settings.is_file() or not (kit / "ca.pem").is_file():
+        missing = [n for n in self.FILES if not (kit / n).is_file()]
+        if missing:
             raise FileNotFoundError(
-                f"{kit} is not an admin kit (admin.json and ca.pem expected): pass the 'admin' folder "
-                "that 'onfh provision' wrote"
+                f"{kit} is not a complete admin kit ({', '.join(missing)} missing): 'onfh run keygen --kit "
+                f"{kit}' makes admin.key and admin.csr here; the provisioner returns admin.pem, ca.pem and "
+                "admin.json for the CSR; copy them into this folder"
             )
         self.kit = kit
-        self.address = str(json.loads(settings.read_text())["server-address"])
+        settings = json.loads((kit / "admin.json").read_text())
+        self.address = str(settings["server-address"])
+        host, port = split_address(self.address)
+        self.admin_address = str(settings.get("admin-address", f"{host}:{port + 1}"))
         self.flwr_home = kit / "flwr-home"
-        write_flwr_connection(self.flwr_home, self.address, kit / "ca.pem")
+
+    @contextlib.contextmanager
+    def connected(self) -> Iterator[None]:
+        """While open, ``flwr`` with this kit's FLWR_HOME reaches the server through the relay."""
+        relay = LocalRelay(
+            self.admin_address, self.kit / "ca.pem", self.kit / "admin.pem", self.kit / "admin.key"
+        )
+        with relay as local:
+            write_flwr_connection(self.flwr_home, local, None)
+            yield
 
     def flwr(self, *args: str, timeout: float | None = 120.0) -> subprocess.CompletedProcess:
-        """Run ``flwr ARGS`` against this kit's SuperLink; output captured as text."""
-        return subprocess.run(
-            [flwr_executable(), *args],
-            env=flwr_env(self.flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        """Run ``flwr ARGS`` against this kit's server (through the relay); output captured as text."""
+        with self.connected():
+            return subprocess.run(
+                [flwr_executable(), *args],
+                env=flwr_env(self.flwr_home),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
 
 
 def merged_run_config(presets: list[Path], overrides: list[str]) -> dict[str, Any]:
@@ -140,9 +168,10 @@ def wait_finished(kit: AdminKit, run_id: int, timeout_s: float, poll_s: float = 
 def logs(kit: AdminKit, run_id: int, follow: bool = False) -> str:
     """The run's logs (``flwr log --show``), or stream them to stdout until the run ends (``follow``)."""
     if follow:
-        subprocess.run(
-            [flwr_executable(), "log", str(run_id), CONNECTION, "--stream"], env=flwr_env(kit.flwr_home)
-        )
+        with kit.connected():
+            subprocess.run(
+                [flwr_executable(), "log", str(run_id), CONNECTION, "--stream"], env=flwr_env(kit.flwr_home)
+            )
         return ""
     done = kit.flwr("log", str(run_id), CONNECTION, "--show")
     if done.returncode != 0:
@@ -151,7 +180,12 @@ def logs(kit: AdminKit, run_id: int, follow: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``onfh run submit|status|logs --kit ADMIN_KIT ...``."""
+    """``onfh run submit|status|logs|stop --kit ADMIN_KIT ...`` or ``onfh run keygen --kit DIR --name NAME``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keygen"]:  # the admin's key and CSR, made on the admin's own machine
+        from server.admin_keys import main as keygen
+
+        return keygen(argv[1:])
     parser = argparse.ArgumentParser(prog="onfh run", description=description(__doc__))
     verbs = parser.add_subparsers(dest="verb", required=True)
     sub = verbs.add_parser("submit", help="submit a federated run (phase presets as run config)")
@@ -168,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("--kit", type=Path, required=True, help="the admin kit folder")
     lg.add_argument("run_id", type=int)
     lg.add_argument("--follow", action="store_true", help="stream until the run ends")
+    sp = verbs.add_parser("stop", help="stop a run")
+    sp.add_argument("--kit", type=Path, required=True, help="the admin kit folder")
+    sp.add_argument("run_id", type=int)
+    verbs.add_parser("keygen", help="make this admin's key and certificate request (--kit DIR --name NAME)")
     args = parser.parse_args(argv)
     try:
         kit = AdminKit(args.kit)
@@ -185,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"run {entry.get('run-id')}  {entry.get('status'):<22} elapsed {entry.get('elapsed')}  "
                         f"{entry.get('app', '')}"
                     )
+        elif args.verb == "stop":
+            _json_reply(kit.flwr("stop", str(args.run_id), CONNECTION, "--format", "json"), "flwr stop")
+            print(f"stopped run {args.run_id}")
         else:
             print(logs(kit, args.run_id, args.follow), end="")
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as exc:

@@ -73,12 +73,18 @@ def test_imports_run_down_the_floors(path: Path) -> None:
 def test_common_speaks_no_flower(path: Path) -> None:
     if path in FLOWER_GLUE:
         return
-    flower = [f"{path}:{line} imports {name}" for line, name in _imports(path) if name.split(".")[0] == "flwr"]
-    assert not flower, "common/ is Flower-free (record glue lives in common/records.py):\n" + "\n".join(flower)
+    flower = [
+        f"{path}:{line} imports {name}" for line, name in _imports(path) if name.split(".")[0] == "flwr"
+    ]
+    assert not flower, "common/ is Flower-free (record glue lives in common/records.py):\n" + "\n".join(
+        flower
+    )
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in SOURCES if p.parts[:2] in (("simulation", "phantom"), ("simulation", "synth"))], ids=str
+    "path",
+    [p for p in SOURCES if p.parts[:2] in (("simulation", "phantom"), ("simulation", "synth"))],
+    ids=str,
 )
 def test_the_phantom_knows_nothing_of_the_federation(path: Path) -> None:
     wrong = [
@@ -93,7 +99,9 @@ def test_the_phantom_knows_nothing_of_the_federation(path: Path) -> None:
 def test_modules_and_functions_stay_small(path: Path) -> None:
     text = (ROOT / path).read_text()
     lines = text.count("\n")
-    assert lines <= MAX_MODULE_LINES, f"{path} has {lines} lines (at most {MAX_MODULE_LINES}): split it by concept"
+    assert lines <= MAX_MODULE_LINES, (
+        f"{path} has {lines} lines (at most {MAX_MODULE_LINES}): split it by concept"
+    )
     long = [
         f"{path}:{node.lineno} {node.name} has {node.end_lineno - node.lineno + 1} lines"
         for node in ast.walk(ast.parse(text))

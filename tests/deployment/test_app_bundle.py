@@ -13,7 +13,8 @@ from flwr.cli.build import build_fab_from_disk
 
 from common import release
 from common.config import RunConfig
-from server import provision, runs
+from server import runs
+from tests.deployment.kits import make_federation
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -26,8 +27,8 @@ def app_with_kits_inside(tmp_path) -> Path:
     shutil.copy(PROJECT / "pyproject.toml", app / "pyproject.toml")
     for package in ("common", "client", "server", "simulation"):
         shutil.copytree(PROJECT / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
-    provision.provision(app / "kits", "127.0.0.1:9092", ["site-a", "site-b"])
-    provision.provision(app / "server" / "kits", "127.0.0.1:9092", ["site-c"])
+    make_federation(app / "kits", "127.0.0.1:9092", ["site-a", "site-b"])
+    make_federation(app / "server" / "kits", "127.0.0.1:9092", ["site-c"])
     return app
 
 
@@ -38,7 +39,7 @@ def test_bundle_holds_no_private_key(app_with_kits_inside, tmp_path):
     assert "server/server_app.py" in names and "client/client_app.py" in names
     assert not [n for n in names if "kits" in n or n.endswith((".key", ".pem", ".pub"))]
     keys = [p.read_bytes() for p in app_with_kits_inside.rglob("*.key")]
-    assert len(keys) == 7  # 2 CA keys, 2 server keys, 3 site keys
+    assert len(keys) == 9  # 2 CA keys, 2 server keys, 3 site keys, 2 admin keys
     for name in names:
         content = fab.read(name)
         assert b"PRIVATE KEY" not in content, name

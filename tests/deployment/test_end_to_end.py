@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from common.deployment import stop_process_tree
-from server import provision, runs
+from server import runs
+from tests.deployment.kits import add_site, make_federation
 
 pytestmark = pytest.mark.slow
 
@@ -84,19 +85,19 @@ def deployment(tmp_path_factory, tiny_federation) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("deploy")
     port = _free_port()
     kits = root / "kits"
-    provision.provision(kits, f"127.0.0.1:{port}", ["site-00", "site-01"])
+    make_federation(kits, f"127.0.0.1:{port}", ["site-00", "site-01"])
     procs = Processes(root)
     work = root / "server-work"
     state = {"root": root, "kits": kits, "port": port, "work": work, "procs": procs, "sites": {}}
     try:
         state["server"] = procs.start(
-            "server", "server", "--kit", str(kits / "server"), "--host", "127.0.0.1", "--work", str(work)
-        )
+            "server", "server", "--kit", str(kits / "provision" / "server"), "--host", "127.0.0.1", "--work", str(work)
+        )  # fmt: skip
         for site in ("site-00", "site-01"):
             state["sites"][site] = procs.start(
                 site,
                 "site",
-                "--kit", str(kits / "sites" / site),
+                "--kit", str(kits / "hospitals" / site),
                 "--data", str(tiny_federation / site),
                 "--cache", str(root / "cache" / site),
                 "--log", str(root / f"{site}.log"),
@@ -112,7 +113,7 @@ def deployment(tmp_path_factory, tiny_federation) -> Iterator[dict]:
 
 
 def _admin(state) -> runs.AdminKit:
-    return runs.AdminKit(state["kits"] / "admin")
+    return runs.AdminKit(state["kits"] / "admins" / "admin")
 
 
 def _online_nodes(admin: runs.AdminKit) -> int:
@@ -142,7 +143,7 @@ def finished_run(deployment) -> dict:
 
     deployment["server"] = deployment["procs"].start(
         "server-restarted",
-        "server", "--kit", str(deployment["kits"] / "server"), "--host", "127.0.0.1", "--work", str(deployment["work"]),
+        "server", "--kit", str(deployment["kits"] / "provision" / "server"), "--host", "127.0.0.1", "--work", str(deployment["work"]),
     )  # fmt: skip
     restarted_log = deployment["server"][1]
     _wait_for(lambda: "ready" in restarted_log.read_text(), 180, "the restarted server", [restarted_log])
@@ -187,9 +188,9 @@ def test_status_and_logs_through_the_admin_kit(finished_run, capsys):
 
 
 def test_unregistered_site_key_is_refused(finished_run, deployment, tmp_path):
-    provision.add_site(deployment["kits"], "site-99")  # issued, never registered with the running server
+    add_site(deployment["kits"], "site-99")  # issued, never registered with the running server
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", "site", "--kit", str(deployment["kits"] / "sites" / "site-99"),
+        [sys.executable, "-m", "common.cli", "site", "--kit", str(deployment["kits"] / "hospitals" / "site-99"),
          "--data", str(tmp_path), "--skip-check", "--log", str(tmp_path / "site.log"),
          "--runtime-port", str(_free_port()), "--auth-grace", "5"],
         cwd=PROJECT, capture_output=True, text=True, timeout=180,
@@ -200,9 +201,9 @@ def test_unregistered_site_key_is_refused(finished_run, deployment, tmp_path):
 
 def test_site_that_does_not_trust_the_ca_is_refused(finished_run, deployment, tmp_path):
     foreign = tmp_path / "foreign"
-    provision.provision(foreign, f"127.0.0.1:{deployment['port']}", ["site-00"])
+    make_federation(foreign, f"127.0.0.1:{deployment['port']}", ["site-00"])
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", "site", "--kit", str(foreign / "sites" / "site-00"),
+        [sys.executable, "-m", "common.cli", "site", "--kit", str(foreign / "hospitals" / "site-00"),
          "--data", str(tmp_path), "--skip-check", "--log", str(tmp_path / "site.log"),
          "--runtime-port", str(_free_port())],
         cwd=PROJECT, capture_output=True, text=True, timeout=120,
@@ -219,7 +220,7 @@ def test_plaintext_connection_is_refused(finished_run, deployment):
         except (ConnectionResetError, TimeoutError):
             reply = b""
     assert not reply.startswith(b"HTTP/")  # no plaintext answer: TLS or nothing
-    context = ssl.create_default_context(cafile=str(deployment["kits"] / "admin" / "ca.pem"))
+    context = ssl.create_default_context(cafile=str(deployment["kits"] / "admins" / "admin" / "ca.pem"))
     with socket.create_connection(("127.0.0.1", deployment["port"]), timeout=10) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             assert tls.version() in ("TLSv1.2", "TLSv1.3")

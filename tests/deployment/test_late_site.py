@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from server import provision, runs
+from server import runs
+from tests.deployment.kits import hand_back_site, make_federation, site_keygen
 from tests.deployment.test_end_to_end import PROJECT, TINY, Processes, _free_port, _online_nodes, _wait_for
 
 pytestmark = pytest.mark.slow
@@ -47,11 +48,11 @@ def stage_rounds(run_dir: Path) -> list[dict]:
 
 
 def start_site(procs: Processes, root: Path, kits: Path, site: str, data: Path, *extra: str):
-    """``onfh site`` for ``site`` (its kit under ``kits/sites``), logging under ``root``."""
+    """``onfh site`` for ``site`` (its kit under ``kits/hospitals``), logging under ``root``."""
     return procs.start(
         site,
         "site",
-        "--kit", str(kits / "sites" / site),
+        "--kit", str(kits / "hospitals" / site),
         "--data", str(data),
         "--cache", str(root / "cache" / site),
         "--log", str(root / f"{site}.log"),
@@ -65,8 +66,8 @@ def start_site(procs: Processes, root: Path, kits: Path, site: str, data: Path, 
 def start_server(procs: Processes, kits: Path, work: Path, name: str = "server"):
     """``onfh server`` on loopback only; returns once it printed 'ready'."""
     server = procs.start(
-        name, "server", "--kit", str(kits / "server"), "--host", "127.0.0.1", "--work", str(work)
-    )
+        name, "server", "--kit", str(kits / "provision" / "server"), "--host", "127.0.0.1", "--work", str(work)
+    )  # fmt: skip
     _wait_for(lambda: "ready" in server[1].read_text(), 180, "the server", [server[1]])
     return server
 
@@ -90,13 +91,13 @@ def federation(tmp_path_factory, tiny_federation) -> Iterator[dict]:
     late_data = root / "site-02-export"
     shutil.copytree(tiny_federation / "site-00", late_data)
     kits, work = root / "kits", root / "server-work"
-    provision.provision(kits, f"127.0.0.1:{_free_port()}", ["site-00", "site-01"])
+    make_federation(kits, f"127.0.0.1:{_free_port()}", ["site-00", "site-01"])
     procs = Processes(root)
     try:
         server = start_server(procs, kits, work)
         for site in ("site-00", "site-01"):
             start_site(procs, root, kits, site, tiny_federation / site)
-        admin = runs.AdminKit(kits / "admin")
+        admin = runs.AdminKit(kits / "admins" / "admin")
         logs = [server[1], root / "site-00.out", root / "site-01.out"]
         _wait_for(lambda: _online_nodes(admin) == 2, 240, "both sites to connect", logs)
         yield {"root": root, "kits": kits, "work": work, "procs": procs, "admin": admin, "late": late_data}
@@ -115,13 +116,15 @@ def test_site_added_to_a_running_federation_joins_the_run_in_progress(federation
 
     # Mid-run: provision the site, register its key with the running server, start the site.
     added_at = time.time()
-    done = onfh("provision", "--add-site", "site-02", str(kits))
+    public = site_keygen(kits, "site-02") / "site.pub"  # the hospital makes its key; site.pub travels
+    done = onfh("provision", "--add-site", f"site-02={public}", str(kits / "provision"))
     assert done.returncode == 0, done.stderr
+    hand_back_site(kits, "site-02")  # ca.pem and site.json go back, beside site.key
     assert "onfh server register" in done.stdout
-    assert (kits / "server" / "site-keys" / "site-02.pub").is_file()
+    assert (kits / "provision" / "server" / "site-keys" / "site-02.pub").is_file()
     done = onfh(
-        "server", "register", "--kit", str(kits / "server"), "--host", "127.0.0.1", "--work", str(work)
-    )
+        "server", "register", "--kit", str(kits / "provision" / "server"), "--host", "127.0.0.1", "--work", str(work)
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     registered = re.search(r"site site-02: registered \(node (\d+)\)", done.stdout)
     assert registered, done.stdout

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from client import daemon as site_daemon
-from server import provision
 from server.daemon import ServerDaemon, ServerKit
+from tests.deployment.kits import make_federation
 
 
 def _free_port() -> int:
@@ -59,7 +59,7 @@ class _Endpoint:
 
 
 def _kits(root: Path, **kwargs) -> Path:
-    provision.provision(root, "127.0.0.1:9092", ["site-a"], **kwargs)
+    make_federation(root, "127.0.0.1:9092", ["site-a"], **kwargs)
     return root
 
 
@@ -89,8 +89,10 @@ def _site_main(kit: Path, port: int, tmp_path: Path, capsys) -> tuple[int, str]:
 def test_expired_server_certificate_is_refused_by_the_site(tmp_path, endpoint, capsys):
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     kits = _kits(tmp_path / "kits", server_days=10, now=past)
-    server = endpoint(kits / "server" / "server.pem", kits / "server" / "server.key")
-    code, err = _site_main(kits / "sites" / "site-a", server.port, tmp_path, capsys)
+    server = endpoint(
+        kits / "provision" / "server" / "server.pem", kits / "provision" / "server" / "server.key"
+    )
+    code, err = _site_main(kits / "hospitals" / "site-a", server.port, tmp_path, capsys)
     assert code == site_daemon.EXIT_REFUSED
     assert "expired certificate" in err and "renew" in err
 
@@ -98,16 +100,18 @@ def test_expired_server_certificate_is_refused_by_the_site(tmp_path, endpoint, c
 def test_expired_server_certificate_is_refused_by_the_server_daemon(tmp_path):
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     kits = _kits(tmp_path / "kits", server_days=10, now=past)
-    daemon = ServerDaemon(ServerKit.load(kits / "server"), tmp_path / "work")
-    with pytest.raises(RuntimeError, match="expired on .* issue a new one"):
+    daemon = ServerDaemon(ServerKit.load(kits / "provision" / "server"), tmp_path / "work")
+    with pytest.raises(RuntimeError, match="expired on .* --renew-server"):
         daemon.start()
-    assert daemon.proc is None  # nothing was started
+    assert not daemon.procs  # nothing was started
 
 
 def test_server_signed_by_another_ca_is_refused(tmp_path, endpoint, capsys):
     ours, theirs = _kits(tmp_path / "ours"), _kits(tmp_path / "theirs")
-    server = endpoint(theirs / "server" / "server.pem", theirs / "server" / "server.key")
-    code, err = _site_main(ours / "sites" / "site-a", server.port, tmp_path, capsys)
+    server = endpoint(
+        theirs / "provision" / "server" / "server.pem", theirs / "provision" / "server" / "server.key"
+    )
+    code, err = _site_main(ours / "hospitals" / "site-a", server.port, tmp_path, capsys)
     assert code == site_daemon.EXIT_REFUSED
     assert "not signed by this federation's CA" in err and "ask the central host" in err
 
@@ -115,7 +119,7 @@ def test_server_signed_by_another_ca_is_refused(tmp_path, endpoint, capsys):
 def test_server_without_tls_is_refused(tmp_path, endpoint, capsys):
     kits = _kits(tmp_path / "kits")
     server = endpoint()  # plaintext HTTP
-    code, err = _site_main(kits / "sites" / "site-a", server.port, tmp_path, capsys)
+    code, err = _site_main(kits / "hospitals" / "site-a", server.port, tmp_path, capsys)
     assert code == site_daemon.EXIT_REFUSED
     assert "does not speak TLS" in err and "never joins without TLS" in err
 
@@ -123,12 +127,12 @@ def test_server_without_tls_is_refused(tmp_path, endpoint, capsys):
 def test_server_down_is_waited_for_not_refused(tmp_path):
     kits = _kits(tmp_path / "kits")
     address = f"127.0.0.1:{_free_port()}"  # nothing listens there
-    reason = site_daemon.check_server(address, kits / "sites" / "site-a" / "ca.pem")
+    reason = site_daemon.check_server(address, kits / "hospitals" / "site-a" / "ca.pem")
     assert reason is not None and "Refused" in reason
 
 
 def test_readable_site_key_is_refused(tmp_path, capsys):
-    kit = _kits(tmp_path / "kits") / "sites" / "site-a"
+    kit = _kits(tmp_path / "kits") / "hospitals" / "site-a"
     (kit / "site.key").chmod(0o644)
     code = site_daemon.main(["--kit", str(kit), "--data", str(tmp_path), "--skip-check"])
     assert code == site_daemon.EXIT_REFUSED
@@ -136,7 +140,7 @@ def test_readable_site_key_is_refused(tmp_path, capsys):
 
 
 def test_unusable_data_is_refused_before_joining(tmp_path, capsys):
-    kit = _kits(tmp_path / "kits") / "sites" / "site-a"
+    kit = _kits(tmp_path / "kits") / "hospitals" / "site-a"
     empty = tmp_path / "export"
     empty.mkdir()
     (empty / "readme.txt").write_text("not DICOM")
@@ -147,9 +151,9 @@ def test_unusable_data_is_refused_before_joining(tmp_path, capsys):
 
 
 def test_supernode_output_is_turned_into_actions(tmp_path):
-    kit = site_daemon.SiteKit.load(_kits(tmp_path / "kits") / "sites" / "site-a")
+    kit = site_daemon.SiteKit.load(_kits(tmp_path / "kits") / "hospitals" / "site-a")
     unknown = site_daemon.refusal_from_output(["Failed to activate SuperNode."], kit)
-    assert unknown is not None and "site.pub" in str(unknown) and "--register-only" in str(unknown)
+    assert unknown is not None and "site.pub" in str(unknown) and "onfh server register" in str(unknown)
     untrusted = site_daemon.refusal_from_output(
         ["[SSL: CERTIFICATE_VERIFY_FAILED] unable to get issuer"], kit
     )

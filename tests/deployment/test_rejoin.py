@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from server import provision, runs
+from server import runs
+from tests.deployment.kits import make_federation
 from tests.deployment.test_end_to_end import TINY, Processes, _free_port, _wait_for
 from tests.deployment.test_late_site import stage_rounds, start_server, start_site
 
@@ -100,17 +101,17 @@ def federation(tmp_path_factory, tiny_federation) -> Iterator[dict]:
     """A running server; site-00 connects directly, site-01 through the relay (its kit dials the relay)."""
     root = tmp_path_factory.mktemp("rejoin")
     kits, work, port = root / "kits", root / "server-work", _free_port()
-    provision.provision(kits, f"127.0.0.1:{port}", ["site-00", "site-01"])
+    make_federation(kits, f"127.0.0.1:{port}", ["site-00", "site-01"])
     relay = Relay(port)
     relay.restore()
-    site_json = kits / "sites" / "site-01" / "site.json"
+    site_json = kits / "hospitals" / "site-01" / "site.json"
     site_json.write_text(json.dumps({"site-name": "site-01", "server-address": f"127.0.0.1:{relay.port}"}))
     procs = Processes(root)
     try:
         server = start_server(procs, kits, work)
         node_of = dict(re.findall(r"site ([\w-]+): registered \(node (\d+)\)", server[1].read_text()))
         sites = {s: start_site(procs, root, kits, s, tiny_federation / s) for s in ("site-00", "site-01")}
-        admin = runs.AdminKit(kits / "admin")
+        admin = runs.AdminKit(kits / "admins" / "admin")
         logs = [server[1], root / "site-00.out", root / "site-01.out"]
         online = lambda: list(_statuses(admin).values()).count("online") == 2  # noqa: E731
         _wait_for(online, 240, "both sites to connect", logs)
