@@ -8,7 +8,6 @@ never beside the DICOM export, which may be read-only or shared.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from common.config import PreprocessSettings
 from common.deployment import split_address
+from common.files import user_cache_dir
 from common.keys import private_key_problem
 from common.sitedata.load import load_site
 
@@ -57,13 +57,7 @@ class SiteKit:
 
 def site_home(site_name: str) -> Path:
     """This user's folder for the site's own files, created with mode 0700."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute()
-    home = base / "onfh" / site_name
-    home.mkdir(parents=True, exist_ok=True)
-    for folder in (home.parent, home):
-        if folder.stat().st_uid == os.getuid():
-            folder.chmod(0o700)
-    return home
+    return user_cache_dir(site_name)
 
 
 def check_data(data: Path, cache: Path, settings: PreprocessSettings) -> str:

@@ -42,3 +42,18 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` to ``path`` (.npz) so that readers never see a partial file."""
     write_atomic(path, npz_bytes(arrays))
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/onfh/PARTS`` (default ``~/.cache/onfh/PARTS``), created readable by this user only.
+
+    Caches hold images and patient hashes: never beside a hospital's export (which may be a
+    read-only PACS mount or a shared drive), always where only this user can read them.
+    """
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute()
+    folder = base.joinpath("onfh", *parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    for level in [base / "onfh", *(base.joinpath("onfh", *parts[: i + 1]) for i in range(len(parts)))]:
+        if level.stat().st_uid == os.getuid():
+            level.chmod(0o700)
+    return folder

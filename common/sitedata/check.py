@@ -9,6 +9,7 @@ file and the fix. Exits 1 only when nothing usable is found (or the folder canno
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import PreprocessSettings
+from common.files import user_cache_dir
 from common.problems import SEVERITIES
 from common.sitedata.load import LOW_CONFIDENCE, SiteData, load_site
 
@@ -123,6 +125,12 @@ def summary_json(site: SiteData) -> dict:
     }
 
 
+def default_check_cache(data_dir: Path) -> Path:
+    """This user's cache for checking ``data_dir`` (one per export folder), mode 0700."""
+    where = data_dir.absolute()
+    return user_cache_dir("check", f"{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``onfh check DATA_DIR [--cache-dir DIR] [--workers N] [--verbose] [--json FILE]``.
 
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir",
         type=Path,
         default=None,
-        help="where preprocessed hips are kept (default: .DATA_DIR-cache beside DATA_DIR)",
+        help="where preprocessed hips are kept (default: ~/.cache/onfh/check/NAME-HASH, never beside DATA_DIR)",
     )
     parser.add_argument("--workers", type=int, default=2, help="processes for preprocessing (default 2)")
     parser.add_argument(
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         what = "is not a folder" if data_dir.exists() else "does not exist"
         print(f"onfh check: {data_dir} {what}: pass the folder holding the DICOM export", file=sys.stderr)
         return EXIT_NOTHING_USABLE
-    cache = args.cache_dir or data_dir.absolute().parent / f".{data_dir.absolute().name}-cache"
+    cache = args.cache_dir or default_check_cache(data_dir)
     try:
         site = load_site(
             data_dir,

@@ -91,13 +91,17 @@ def test_nonexistent_folder(capsys, tmp_path):
     assert "does not exist" in err and "Traceback" not in out + err
 
 
-def test_empty_folder_is_nothing_usable(capsys, tmp_path):
+def test_empty_folder_is_nothing_usable(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     (tmp_path / "empty").mkdir()
     code, out, err = run_check(capsys, tmp_path / "empty")
     assert code == 1
     assert "Nothing usable" in out
     assert "no usable MR or CT series found" in out
-    assert (tmp_path / ".empty-cache").is_dir()  # default cache beside the folder, not inside it
+    # The default cache is this user's (mode 0700), never beside or inside the hospital's export.
+    (cache,) = (tmp_path / "user-cache" / "onfh" / "check").iterdir()
+    assert cache.name.startswith("empty-") and cache.stat().st_mode & 0o077 == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "user-cache"]
     assert list((tmp_path / "empty").iterdir()) == []
 
 
