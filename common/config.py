@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common.dp_settings import check_dp_settings
+
 # Only T1 TSE coronal and T2 Dixon water coronal are named in the paper; the other three are ours.
 DEFAULT_PROTOCOLS: tuple[str, ...] = ("T1_COR", "T2W_COR", "T1_AX", "T2W_AX", "PDFS_SAG")
 
@@ -213,6 +215,10 @@ class RunConfig:
     # A training update whose L2 norm exceeds this factor x the round's median is excluded
     # (only with 3+ replies); 0 turns the bound off.
     update_norm_factor: float = 5.0
+    dp_noise_multiplier: float = 0.0  # site-level DP of the weight updates (server/privacy.py): 0 = off
+    dp_clip_norm: float = 2.0  # L2 bound of each site's update; docs/federation.md "Differential privacy"
+    dp_delta: float = 1e-5
+    dp_phases: str = "both"  # "both", "pretrain" or "stage"
     min_sites: int = 1
     round_timeout_s: float = 3600.0
     update_dtype: str = "float32"
@@ -264,6 +270,7 @@ class RunConfig:
         if self.update_norm_factor != 0 and not self.update_norm_factor >= 1.0:
             bad("update-norm-factor", self.update_norm_factor, "use a factor >= 1, or 0 for no bound")
         ModelConfig(preset=self.model_preset, fusion=self.fusion, norm=self.norm)  # validates
+        check_dp_settings(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:

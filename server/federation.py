@@ -34,6 +34,7 @@ from server.checkpoint import (
     strategy_optimiser_state,
     write_checkpoint,
 )
+from server.privacy import PHASES, SiteLevelDP, noised_rounds, privacy_report
 from server.results import RunRecorder
 from server.strategy import PhaseState, build_strategy
 
@@ -84,6 +85,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         "test": test,
         "history": history,
         "failures": history["failures"],
+        "privacy": privacy_report(cfg, history),
         "model-bytes": {
             "pretrain": _nbytes(get_shared_state(translation, cfg.fedbn, cfg.update_dtype)),
             "stage": _nbytes(get_shared_state(staging, cfg.fedbn, cfg.update_dtype)),
@@ -213,11 +215,21 @@ def _run_phase(
     def on_round_end(round_no: int, arrays: ArrayRecord, summary: dict) -> None:
         _round_done(run, state, strategy, round_no, from_record(arrays), summary)
 
-    strategy = build_strategy(cfg, state, initial, on_round_end, inventory=run.history["inventory"])
+    prior = sum(noised_rounds(run.history, other) for other in PHASES if other != phase)
+    privacy = SiteLevelDP.for_phase(cfg, phase, prior_releases=prior)
+    strategy = build_strategy(
+        cfg, state, initial, on_round_end, inventory=run.history["inventory"], privacy=privacy
+    )
     if resume:
         restore_optimiser_state(strategy, resume.optimiser)
     log.info(
-        "phase %s: rounds %d..%d, %s over %d sites", phase, start + 1, total, cfg.strategy, len(run.sites)
+        "phase %s: rounds %d..%d, %s over %d sites%s",
+        phase,
+        start + 1,
+        total,
+        cfg.strategy,
+        len(run.sites),
+        f", DP noise multiplier {privacy.noise_multiplier:g}, clip {privacy.clip_norm:g}" if privacy else "",
     )
     result = strategy.start(
         grid=run.grid,

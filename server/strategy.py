@@ -9,7 +9,8 @@ ends with a callback.
 ``GuardedStrategy`` is a mixin placed before a Flower strategy class (``GuardedFedAvg(GuardedStrategy,
 FedAvg)``, one named class per strategy in ``common.config.STRATEGIES``). It overrides only
 ``configure_*`` and ``aggregate_*`` and calls ``super()``, so each keeps Flower's own aggregation rule
-and ``start()``. What is accounted per round is described in :mod:`server.accounting`.
+and ``start()``. What is accounted per round is described in :mod:`server.accounting`. With
+differential privacy (:mod:`server.privacy`) the screened updates are clipped, averaged and noised.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from common.config import STRATEGIES, RunConfig
 from common.records import from_record, to_record
 from server.accounting import RoundAccount, RoundClock, summarise_evaluation
 from server.bounds import ReplyBounds, ReplyChecks, update_norm
+from server.privacy import SiteLevelDP
 from server.robust import BulyanRule, KrumRule, MultiKrumRule, TrimmedRule
 from server.validation import update_problem
 
@@ -95,6 +97,7 @@ class GuardedStrategy(ReplyChecks):
         self.min_sites = cfg.min_sites
         # Caps come with the inventory (build_strategy); without one nothing is clipped.
         self.bounds = ReplyBounds.for_phase(state.phase, cfg, None)
+        self.privacy: SiteLevelDP | None = None  # set by build_strategy for a phase under DP
         self._unbound_flagged: set[int] = set()
         self._sent: list[Message] = []  # this step's messages; their ids are set when Flower pushes them
         self.on_round_end = on_round_end or (lambda *_: None)
@@ -236,10 +239,19 @@ class GuardedStrategy(ReplyChecks):
         replies_in = time.perf_counter()
         kept = self.screen(server_round, replies, "train", check_arrays=True)
         arrays, metrics = super().aggregate_train(server_round, kept)
+        note = None
+        if self.privacy is not None and kept:  # Flower's metrics; the weights: clipped mean + noise
+            updates = [from_record(next(iter(m.content.array_records.values()))) for m in kept]
+            released, note = self.privacy.release(
+                self.bounds.sent, updates, self.state.rounds, self._absolute(server_round)
+            )
+            arrays = to_record(released)
         self.state.last_arrays = arrays
         account = self.state.account
         account.train_done(replies_in)
         self.state.rounds.append(account.entry(self._absolute(server_round), dict(metrics or {}), len(kept)))
+        if note is not None:
+            self.state.rounds[-1]["privacy"] = note
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -372,12 +384,16 @@ def build_strategy(
     reference: dict[str, np.ndarray],
     on_round_end: RoundEnd | None = None,
     inventory: dict[str, dict] | None = None,
+    privacy: SiteLevelDP | None = None,
 ) -> GuardedStrategy:
     """The guarded Flower strategy named by run-config ``strategy`` (see :class:`GuardedStrategy`).
 
     ``inventory`` (site name -> counts from the inventory query) caps each training reply's
-    ``num-examples``; without it nothing is clipped (a strategy built outside a run).
+    ``num-examples``; without it nothing is clipped (a strategy built outside a run). ``privacy``: DP.
     """
     strategy = GUARDED[cfg.strategy](state, cfg, reference, on_round_end)
     strategy.bounds = ReplyBounds.for_phase(state.phase, cfg, inventory)
+    if privacy is not None:
+        strategy.privacy = privacy
+        strategy.bounds.norm_factor = 0.0  # the clip bounds updates; a median would couple sites (privacy.py)
     return strategy

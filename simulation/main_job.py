@@ -299,6 +299,10 @@ def _log_progress_lines() -> None:
 def report(cfg: RunConfig, federated: dict, central: dict, local: dict, seconds: dict) -> None:
     """Write comparison.json/.md/.png beside the run's results and print the table."""
     header, rows = comparison_table(federated, central, local)
+    privacy = federated.get("privacy", {})
+    if privacy.get("enabled"):  # the federated column says what privacy it bought (server/privacy.py)
+        eps = privacy.get("epsilon-total")
+        header[2] = f"federated, DP eps {eps:.3g} at delta {privacy['delta']:g}" if eps else "federated, DP"
     table = format_table(header, rows)
     fed_pooled, central_pooled = rows[-1][2], rows[-1][3]
     ratio = fed_pooled / central_pooled if fed_pooled and central_pooled else None
@@ -308,6 +312,7 @@ def report(cfg: RunConfig, federated: dict, central: dict, local: dict, seconds:
         "federated-seconds": seconds["federated"],
         "total-seconds": seconds["total"],
         "failures": federated.get("failures", []),
+        "privacy": privacy,
     }
     (cfg.run_dir / "comparison.json").write_text(json.dumps(summary, indent=2))
     (cfg.run_dir / "comparison.md").write_text(table + "\n")
