@@ -22,6 +22,7 @@ Requirements (``n`` = sound replies with examples, ``f`` = ``num-malicious-sites
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 from flwr.app import Message
@@ -67,7 +68,7 @@ def bulyan_problem(n: int, f: int) -> str | None:
     )
 
 
-class _RuleCheck:
+class _RuleCheck(ABC):
     """Checks, before Flower's rule runs, that the rule can work for the round's replies.
 
     Settings that cannot work even when every site asked answers are a configuration error: the
@@ -76,8 +77,9 @@ class _RuleCheck:
     coordinate-wise median instead, with a warning: losing an attacker must not end the run.
     """
 
+    @abstractmethod
     def _rule_problem(self, n: int) -> str | None:
-        raise NotImplementedError  # each rule's mixin says what it needs
+        """Why the rule cannot aggregate ``n`` replies (a message naming the setting), or None."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
