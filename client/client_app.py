@@ -9,7 +9,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import tasks
+from client import ledger, tasks
 from client.policy import Deadline, PolicyError, PolicyRefusal, SitePolicy
 from common.config import RunConfig, SiteConfig
 from common.records import from_record, to_record
@@ -22,28 +22,47 @@ class SiteError(RuntimeError):
 
     The full traceback stays in the site's own log: exception texts can carry file paths,
     and a hospital's paths can carry patient names. A refusal by the site's policy is the
-    exception: its text names only settings, bounds and the policy file, and is sent as it is.
+    exception: its text names only settings, bounds and the policy file's name, and is sent as
+    it is. Every such text is a message the site sends: it is written to the egress ledger.
     """
 
 
 def _guarded(
     step: str, handler: Callable[..., Message], msg: Message, context: Context, overrides: dict[str, Any]
 ) -> Message:
+    """Run ``handler``; on any failure, record the error reply in the site's egress ledger and raise
+    :class:`SiteError` with the only text the server gets (Flower sends it as the error reply)."""
     try:
         return handler(msg, context, overrides)
     except PolicyRefusal as exc:
         log.error("%s (%s)", exc, step)
-        raise SiteError(str(exc)) from None
+        reason = str(exc)
     except PolicyError as exc:
-        site = _site_name(context, overrides)
-        log.error("site %s: %s (%s refused)", site, exc, step)
-        raise SiteError(f"site {site}: refuses every task: {exc}") from None
+        site = _site(context, overrides)
+        name = site.site_name if site else "unknown-site"
+        log.error("site %s: %s (%s refused)", name, exc, step)
+        reason = f"site {name}: refuses every task: {exc}"
+        if site is not None and site.policy_file is not None:  # the file's folder stays at the site
+            reason = reason.replace(str(site.policy_file), site.policy_file.name)
     except Exception as exc:  # a site's failure must not carry its details to the server
-        site = _site_name(context, overrides)
-        log.exception("site %s: %s failed", site, step)
-        raise SiteError(
-            f"site {site}: {type(exc).__name__} during {step}; details are in the site's log"
-        ) from None
+        site = _site(context, overrides)
+        name = site.site_name if site else "unknown-site"
+        log.exception("site %s: %s failed", name, step)
+        reason = f"site {name}: {type(exc).__name__} during {step}; details are in the site's log"
+    _record_error(msg, context, overrides, reason)
+    raise SiteError(reason)
+
+
+def _record_error(msg: Message, context: Context, overrides: dict[str, Any], reason: str) -> None:
+    """The error reply's ledger line; a ledger that cannot be written is logged (the text is sent anyway)."""
+    try:
+        site = _site(context, overrides)
+        if site is None:
+            raise ValueError("the site's node config cannot be read, so neither can its ledger-file")
+        path = ledger.ledger_path(context.node_config, site.cache_dir, site.site_name)
+        ledger.append(path, ledger.error_entry(msg, reason, site.site_name))
+    except Exception:
+        log.exception("the error reply (%s) could not be written to the egress ledger", reason)
 
 
 def _settings(context: Context, overrides: dict[str, Any]) -> tuple[RunConfig, SiteConfig]:
@@ -51,16 +70,16 @@ def _settings(context: Context, overrides: dict[str, Any]) -> tuple[RunConfig, S
     return cfg, SiteConfig.from_node_config(dict(context.node_config), cfg)
 
 
-def _site_name(context: Context, overrides: dict[str, Any]) -> str:
+def _site(context: Context, overrides: dict[str, Any]) -> SiteConfig | None:
     try:
-        return _settings(context, overrides)[1].site_name
+        return _settings(context, overrides)[1]
     except Exception:
-        return "unknown-site"
+        return None
 
 
-def _setup(context: Context, overrides: dict[str, Any]) -> tuple[RunConfig, SiteConfig, Deadline]:
-    """The run's and the site's settings, once the site's policy (node config ``policy-file``)
-    allows the run config; the task's wall-time clock starts here.
+def _setup(context: Context, overrides: dict[str, Any]) -> tuple[RunConfig, SiteConfig, SitePolicy, Deadline]:
+    """The run's and the site's settings and the site's policy (node config ``policy-file``),
+    once the policy allows the run config; the task's wall-time clock starts here.
 
     Raises:
         PolicyRefusal: a run-config value is out of the site's policy (nothing has been done).
@@ -69,20 +88,27 @@ def _setup(context: Context, overrides: dict[str, Any]) -> tuple[RunConfig, Site
     cfg, site = _settings(context, overrides)
     policy = SitePolicy.load(site.policy_file)
     policy.enforce(site.site_name, cfg)
-    return cfg, site, policy.deadline(site.site_name)
+    return cfg, site, policy, policy.deadline(site.site_name)
 
 
-def _reply(msg: Message, site: SiteConfig, metrics: dict, arrays: dict | None = None) -> Message:
+def _reply(
+    msg: Message, context: Context, site: SiteConfig, metrics: dict, arrays: dict | None = None
+) -> Message:
+    """The reply to ``msg``, once its ledger line is written (every value, the arrays' names,
+    shapes, dtypes and bytes): a reply the site cannot record is not sent."""
     content = RecordDict(
         {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-name": site.site_name})}
     )
     if arrays is not None:
         content["arrays"] = to_record(arrays)
-    return Message(content=content, reply_to=msg)
+    reply = Message(content=content, reply_to=msg)
+    path = ledger.ledger_path(context.node_config, site.cache_dir, site.site_name)
+    ledger.append(path, ledger.reply_entry(msg, reply, site.site_name))
+    return reply
 
 
 def handle_train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
-    cfg, site, deadline = _setup(context, overrides)
+    cfg, site, _, deadline = _setup(context, overrides)
     config = msg.content["config"]
     phase, phase_round = str(config["phase"]), int(config["phase-round"])
     # FedBN: the site's own normalisation layers live in its cache dir, not in ``context.state``,
@@ -93,23 +119,23 @@ def handle_train(msg: Message, context: Context, overrides: dict[str, Any]) -> M
     )
     if cfg.fedbn and local:
         tasks.save_local_layers(site, cfg, phase, phase_round, local)
-    return _reply(msg, site, metrics, arrays)
+    return _reply(msg, context, site, metrics, arrays)
 
 
 def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
-    cfg, site, deadline = _setup(context, overrides)
+    cfg, site, policy, deadline = _setup(context, overrides)
     config = msg.content["config"]
     phase, split = str(config.get("phase", "stage")), str(config.get("split", "val"))
     local = tasks.load_local_layers(site, cfg, phase) if cfg.fedbn else None
     arrays = from_record(msg.content["arrays"])
-    metrics = tasks.evaluate_round(phase, split, site, cfg, arrays, local, deadline.check)
-    return _reply(msg, site, metrics)
+    metrics = tasks.evaluate_round(phase, split, site, cfg, arrays, local, deadline.check, policy.release)
+    return _reply(msg, context, site, metrics)
 
 
 def handle_query(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     """Site inventory: the site's name and how much data each phase can use (counts only)."""
-    cfg, site, _ = _setup(context, overrides)
-    return _reply(msg, site, tasks.inventory(site, cfg))
+    cfg, site, _, _ = _setup(context, overrides)
+    return _reply(msg, context, site, tasks.inventory(site, cfg))
 
 
 def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:

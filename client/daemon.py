@@ -13,7 +13,8 @@
    starts it again; a key the server does not know is refused with what to send to the central host.
 
 The cache, the log and the SuperNode's files default to ``$XDG_CACHE_HOME/onfh/SITE`` (mode 0700).
-Other verbs: ``onfh site approve|approved|revoke`` (approvals), ``onfh site keygen`` (site keys).
+Other verbs: ``onfh site approve|approved|revoke`` (approvals), ``onfh site keygen`` (site keys),
+``onfh site audit`` (what the site has sent: its egress ledger, ``client.audit``).
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
         description=description(__doc__, full=True),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 stopped (SIGTERM / Ctrl-C), 2 bad arguments, 3 data unusable, "
-        "4 server, kit or release refused. Other verbs: onfh site approve|approved|revoke|keygen --help",
+        "4 server, kit or release refused. Other verbs: onfh site approve|approved|revoke|keygen|audit --help",
     )
     parser.add_argument(
         "--kit", type=Path, required=True, help="this hospital's kit folder from 'onfh provision'"
@@ -318,7 +319,7 @@ def _prepare(args: argparse.Namespace) -> SiteDaemon:
 
 def main(argv: list[str] | None = None) -> int:
     """``onfh site [start] --kit DIR --data DIR [--cache DIR] [--device auto] [--runtime-port 9094] [--preset TOML]
-    [--policy FILE] [--approved FILE]``; ``onfh site approve|approved|revoke|keygen ...``.
+    [--policy FILE] [--approved FILE]``; ``onfh site approve|approved|revoke|keygen|audit ...``.
 
     Returns 0 when stopped (SIGTERM / Ctrl-C), 3 when the data is unusable, 4 when the server,
     the kit or the release is refused, 2 on bad arguments.
@@ -328,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         return approval.main(argv[0], argv[1:])
     if argv and argv[0] == "keygen":
         return _keygen(argv[1:])
+    if argv and argv[0] == "audit":
+        from client import audit  # what this site has sent (its egress ledger)
+
+        return audit.main(argv[1:])
     args = _parser().parse_args(argv[1:] if argv and argv[0] == "start" else argv)
     daemon: SiteDaemon | None = None
 

@@ -17,6 +17,13 @@ are refused with the key and the file named. ``max-wall-time-s`` cannot be read 
 config: the task's clock (:class:`Deadline`) is checked once the site's data are loaded and after
 every local epoch, and a task past it stops with an error and sends nothing (an epoch or an
 evaluation pass that has begun runs to its end).
+
+Two keys bound what an evaluation reply releases rather than what the server may ask
+(:class:`ReleaseBounds`; the site applies them itself, whatever the run config says):
+``min-release-hips`` (default 10): an evaluation of fewer hips (staging) or fewer patients
+(pretraining: MR-CT slice pairs come a patient at a time) is withheld, and the reply says only
+that; ``max-release-bins`` (default 20): score histograms are released with
+``min(histogram-bins, max-release-bins)`` bins, the requested grid coarsened, never refused.
 """
 
 from __future__ import annotations
@@ -43,10 +50,14 @@ LIMITS: dict[str, tuple[str, str, int]] = {
     "max-pretrain-pairs": ("pretrain-max-pairs", "max", 100_000),
     "max-hip-slices": ("hip-slices", "max", 64),
     "max-hip-size": ("hip-size", "max", 256),
-    # Finer evaluation histograms tell the server each hip's predicted probability more exactly.
-    "max-histogram-bins": ("histogram-bins", "max", 10_000),
 }
 WALL_TIME_KEY = "max-wall-time-s"
+# policy key -> built-in default of the release bounds (ReleaseBounds), applied at the site.
+RELEASE_KEYS: dict[str, int] = {"min-release-hips": 10, "max-release-bins": 20}
+# Keys of earlier policy files -> what replaced them (named in the error, with the fix).
+RENAMED = {
+    "max-histogram-bins": "max-release-bins (the site now coarsens a finer histogram-bins instead of refusing it)"
+}
 DEFAULT_WALL_TIME_S = 86_400.0  # one day per task
 DEFAULT_SOURCE = "the built-in default; set node config policy-file to change it"
 # Pretraining steps take max(batch-size, 16) MR-CT slice pairs (RunConfig.pretrain_training).
@@ -60,8 +71,8 @@ class PolicyError(ValueError):
 class PolicyRefusal(RuntimeError):
     """The site refuses a task its policy does not allow.
 
-    Its text names settings, bounds and the policy file, never data, so the ClientApp passes it
-    to the server as it is.
+    Its text names settings, bounds and the policy file's name (not its folder), never data, so
+    the ClientApp passes it to the server as it is.
     """
 
 
@@ -73,7 +84,7 @@ class Violation:
     requested: float
     bound: float
     kind: str  # "max" or "min"
-    source: str  # the policy file, or DEFAULT_SOURCE
+    source: str  # the policy file's name, or DEFAULT_SOURCE
 
     @property
     def allowed(self) -> str:
@@ -95,18 +106,42 @@ def _number(path: Path, key: str, value: Any) -> float:
 
 
 @dataclass(frozen=True)
+class ReleaseBounds:
+    """What one evaluation reply of this site may release, whatever the run config asks.
+
+    Attributes:
+        min_hips: ``min-release-hips``; an evaluation of fewer hips (staging) or patients
+            (pretraining) is withheld: no AUROC, confusion counts, histogram or image metrics.
+        max_bins: ``max-release-bins``; score histograms have at most this many bins.
+    """
+
+    min_hips: int = RELEASE_KEYS["min-release-hips"]
+    max_bins: int = RELEASE_KEYS["max-release-bins"]
+
+    def bins(self, requested: int) -> int:
+        """The bins a histogram is released with: the run's ``histogram-bins``, coarsened to ``max_bins``."""
+        return min(int(requested), self.max_bins)
+
+    def withholds(self, n: int) -> bool:
+        """Whether an evaluation of ``n`` hips (or patients) is withheld."""
+        return n < self.min_hips
+
+
+@dataclass(frozen=True)
 class SitePolicy:
     """The bounds one site puts on a run config, and where they come from.
 
     Attributes:
         limits: policy key (a key of :data:`LIMITS`) -> bound; every key of ``LIMITS`` is present.
         wall_time_s: the most seconds one task (a training or evaluation message) may run.
-        source: the policy file, or :data:`DEFAULT_SOURCE`; named in every violation.
+        source: the policy file, or :data:`DEFAULT_SOURCE`; a violation names its file name.
+        release: the bounds on what an evaluation reply releases (:class:`ReleaseBounds`).
     """
 
     limits: Mapping[str, float] = field(default_factory=lambda: {k: float(v[2]) for k, v in LIMITS.items()})
     wall_time_s: float = DEFAULT_WALL_TIME_S
     source: str = DEFAULT_SOURCE
+    release: ReleaseBounds = field(default_factory=ReleaseBounds)
 
     @classmethod
     def load(cls, path: Path | str | None) -> SitePolicy:
@@ -137,14 +172,24 @@ class SitePolicy:
             raise PolicyError(f"site policy {path}: limits must be a table, [limits]")
         limits = dict(cls().limits)
         wall_time_s = DEFAULT_WALL_TIME_S
+        release = dict(RELEASE_KEYS)
         for key, value in table.items():
             if key == WALL_TIME_KEY:
                 wall_time_s = _number(path, key, value)
             elif key in LIMITS:
                 limits[key] = _number(path, key, value)
+            elif key in RELEASE_KEYS:
+                release[key] = int(_number(path, key, value))
+            elif key in RENAMED:
+                raise PolicyError(f"site policy {path}: {key} is no longer a key; use {RENAMED[key]}")
             else:
-                known = ", ".join([*LIMITS, WALL_TIME_KEY])
+                known = ", ".join([*LIMITS, WALL_TIME_KEY, *RELEASE_KEYS])
                 raise PolicyError(f"site policy {path}: unknown key {key} in [limits]; known keys: {known}")
+        if release["max-release-bins"] < 2:
+            raise PolicyError(
+                f"site policy {path}: max-release-bins = {release['max-release-bins']} must be at least 2 "
+                "(a histogram of one bin holds no score at all)"
+            )
         if limits["min-batch-size"] > limits["max-batch-size"]:
             raise PolicyError(
                 f"site policy {path}: min-batch-size = {limits['min-batch-size']:g} exceeds "
@@ -155,7 +200,14 @@ class SitePolicy:
                 f"site policy {path}: max-batch-size = {limits['max-batch-size']:g} is below "
                 f"{PRETRAIN_MIN_BATCH}, the pairs every pretraining step takes; use {PRETRAIN_MIN_BATCH} or more"
             )
-        return cls(limits, wall_time_s, str(path))
+        bounds = ReleaseBounds(release["min-release-hips"], release["max-release-bins"])
+        return cls(limits, wall_time_s, str(path), bounds)
+
+    @property
+    def file_name(self) -> str:
+        """How a refusal sent to the server names this policy: the file's name, not its folder
+        (no path of the hospital leaves the site), or :data:`DEFAULT_SOURCE`."""
+        return self.source if self.source == DEFAULT_SOURCE else Path(self.source).name
 
     def check(self, run: RunConfig | Mapping[str, Any]) -> list[Violation]:
         """Every value of ``run`` (a RunConfig, or a kebab-case run-config dict) outside the policy."""
@@ -164,7 +216,7 @@ class SitePolicy:
         for policy_key, (run_key, kind, _) in LIMITS.items():
             requested, bound = getattr(cfg, run_key.replace("-", "_")), self.limits[policy_key]
             if (requested > bound) if kind == "max" else (requested < bound):
-                found.append(Violation(run_key, requested, bound, kind, self.source))
+                found.append(Violation(run_key, requested, bound, kind, self.file_name))
         return found
 
     def enforce(self, site: str, run: RunConfig | Mapping[str, Any]) -> None:
@@ -177,7 +229,7 @@ class SitePolicy:
 
     def deadline(self, site: str) -> Deadline:
         """A clock for one task, started now."""
-        return Deadline(site, self.wall_time_s, self.source)
+        return Deadline(site, self.wall_time_s, self.file_name)
 
 
 @dataclass

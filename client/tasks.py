@@ -1,7 +1,9 @@
 """What a site does in a round, in plain Python: no Flower types cross this module's boundary.
 
 Each function takes the global weights as a ``name -> array`` dict and returns the site's
-weights and aggregate metrics (counts and means only, never per-patient values). Under FedBN the
+weights and aggregate metrics (counts and means only, never per-patient values). An evaluation
+releases what the site's policy allows (:class:`client.policy.ReleaseBounds`): histograms of at
+most ``max-release-bins`` bins, and nothing but a ``withheld`` mark below ``min-release-hips``. Under FedBN the
 site's own normalisation layers are kept in its cache dir, per run name, phase and round, so a
 restart or a resumed run trains on with them (:func:`save_local_layers`, :func:`load_local_layers`).
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.policy import ReleaseBounds
 from common.config import RunConfig, SiteConfig
 from common.files import save_npz_atomic
 from common.models.factory import build_staging, build_translation
@@ -37,6 +40,9 @@ TaskCheck = Callable[[str], None]
 
 def _no_check(done: str) -> None:
     """The check of a task without a wall-time bound."""
+
+
+DEFAULT_RELEASE = ReleaseBounds()  # the release bounds of a site without a policy file
 
 
 _LOADED: dict[tuple, SiteData] = {}
@@ -186,6 +192,12 @@ def train_round(
     )
 
 
+def withheld_evaluation(release: ReleaseBounds) -> dict[str, float]:
+    """The whole evaluation reply of a site with fewer hips (or patients) than ``min-release-hips``:
+    no metric, ``num-examples`` 0 so that the server pools nothing from it."""
+    return {"num-examples": 0, "withheld": 1, "min-release-hips": int(release.min_hips)}
+
+
 def evaluate_round(
     phase: str,
     split: str,
@@ -194,19 +206,27 @@ def evaluate_round(
     global_arrays: dict[str, np.ndarray],
     local: LocalState | None,
     check: TaskCheck = _no_check,
+    release: ReleaseBounds = DEFAULT_RELEASE,
 ) -> dict[str, float | list[float]]:
     """Score the global model on the site's own ``split`` hips (or pairs); aggregates only.
 
-    ``check`` is called once the site's data are loaded (the scoring pass is not interrupted).
+    What is released follows ``release`` (the site's policy): below ``release.min_hips`` hips
+    (pretraining: patients with MR-CT pairs) only :func:`withheld_evaluation`, before anything is
+    scored; histograms with ``release.bins(cfg.histogram_bins)`` bins. ``check`` is called once
+    the site's data are loaded (the scoring pass is not interrupted).
     """
     data = site_data(site, cfg)
     check("loading the site data")
-    net = _model(phase, cfg, global_arrays, local)
     if phase == "pretrain":
         mr, ct = data.pair_set(split)
-        if len(mr) == 0:
-            return {"num-examples": 0, "mae-hu": 0.0, "psnr": 0.0, "ssim": 0.0}
-        m = evaluate_translation(net, PairDataset(mr, ct), ct_window_hu=cfg.preprocess.ct_window_hu)
+        patients = {str(k) for k in data.pair_keys if data.split.get(str(k)) == split}
+        if release.withholds(len(patients)):
+            return withheld_evaluation(release)
+        m = evaluate_translation(
+            _model(phase, cfg, global_arrays, local),
+            PairDataset(mr, ct),
+            ct_window_hu=cfg.preprocess.ct_window_hu,
+        )
         return {
             "num-examples": int(len(mr)),
             "mae-hu": float(m["mae_hu"]),
@@ -214,7 +234,8 @@ def evaluate_round(
             "ssim": float(m["ssim"]),
         }
     images, available, stages = data.staging_set(split)
-    if len(stages) == 0:
-        return {"num-examples": 0}
+    if release.withholds(len(stages)):
+        return withheld_evaluation(release)
+    net = _model(phase, cfg, global_arrays, local)
     probs, labels = predict_staging(net, HipDataset(images, available, stages))
-    return site_evaluation(probs, labels, bins=cfg.histogram_bins)
+    return site_evaluation(probs, labels, bins=release.bins(cfg.histogram_bins))

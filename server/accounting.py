@@ -16,7 +16,9 @@ names, byte counts and times only, never patient data:
 - ``started``: the round's start (Unix time); ``site-train-seconds``: each site's reported
   ``train-seconds`` (its local training, data loading included); ``update-norms``: the L2 norm of
   each site's training update (its weights minus those sent), and ``update-norm-median`` where the
-  norm bound applied (:mod:`server.bounds`).
+  norm bound applied (:mod:`server.bounds`);
+- ``withheld``: per step (e.g. ``evaluate-received``), the sites whose evaluation reply was withheld by
+  their own policy (fewer hips than its ``min-release-hips``: the reply carries no metric at all).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from common.training.evaluation import pooled_staging_metrics
+from common.training.evaluation import pool_histograms, pooled_staging_metrics
 
 
 def tensor_bytes(record: ArrayRecord) -> int:
@@ -36,6 +38,13 @@ def tensor_bytes(record: ArrayRecord) -> int:
     return int(
         sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
     )
+
+
+def is_withheld(msg: Message) -> bool:
+    """Whether a reply is a site's withheld evaluation: ``withheld`` set and nothing else released."""
+    if not msg.has_content() or not msg.content.metric_records:
+        return False
+    return bool(next(iter(msg.content.metric_records.values())).get("withheld", 0))
 
 
 def message_bytes(msg: Message) -> tuple[int, int]:
@@ -77,12 +86,16 @@ class RoundAccount:
     site_train_seconds: dict[str, float] = field(default_factory=dict)
     update_norms: dict[str, float] = field(default_factory=dict)  # site -> L2 norm of its training update
     update_norm_median: float | None = None  # set when the norm bound applied (3+ replies)
+    withheld: dict[str, list[str]] = field(default_factory=dict)  # step -> sites whose reply was withheld
 
     def tally(self, key: str, site: str, msg: Message) -> None:
-        """Record the bytes of one message under ``key`` (e.g. ``train-sent``) for ``site``."""
+        """Record the bytes of one message under ``key`` (e.g. ``train-sent``) for ``site``, and
+        whether it is a withheld evaluation."""
         tensors, records = message_bytes(msg)
         self.bytes.setdefault(key, {})[site] = tensors
         self.message_bytes.setdefault(key, {})[site] = records
+        if is_withheld(msg):
+            self.withheld.setdefault(key, []).append(site)
 
     def train_done(self, replies_in: float) -> None:
         """Times of the training step, ``replies_in`` being the ``perf_counter`` reading as replies came in."""
@@ -117,32 +130,48 @@ class RoundAccount:
             entry["update-norms"] = self.update_norms
         if self.update_norm_median is not None:
             entry["update-norm-median"] = self.update_norm_median
+        entry["withheld"] = self.withheld  # shared: filled by the evaluate step
         return entry
 
 
-def summarise_evaluation(phase: str, replies: list[Message], site_of: Callable[[Message], str]) -> dict:
+def summarise_evaluation(
+    phase: str, replies: list[Message], site_of: Callable[[Message], str], withheld: list[str] | None = None
+) -> dict:
     """Pool the sites' evaluation replies: sums of histograms and confusion counts (stage phase),
-    example-weighted means (pretraining phase), and each site's own figures."""
+    example-weighted means (pretraining phase), and each site's own figures.
+
+    A withheld reply (:func:`is_withheld`) is not pooled; its site is listed under ``withheld``
+    with the sites in ``withheld`` (withheld replies the caller screened out before).
+    """
     per_site: dict[str, dict] = {}
+    withheld_sites = set(withheld or [])
     total = 0.0
     for msg in replies:
+        if is_withheld(msg):
+            withheld_sites.add(site_of(msg))
+            continue
         record = next(iter(msg.content.metric_records.values()))
         per_site[site_of(msg)] = {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
         total += float(record["num-examples"])
     summary: dict = {"num-examples": total, "sites": {}}
+    if withheld_sites:
+        summary["withheld"] = sorted(withheld_sites)
     if phase == "stage":
-        hists = [np.asarray(s["score-histogram"], dtype=np.float64) for s in per_site.values()]
-        confs = [np.asarray(s["confusion"], dtype=np.float64) for s in per_site.values()]
+        hists = [s["score-histogram"] for s in per_site.values() if "score-histogram" in s]
+        confs = [np.asarray(s["confusion"], dtype=np.float64) for s in per_site.values() if "confusion" in s]
         if hists:
-            summary.update(pooled_staging_metrics(sum(hists), sum(confs)))
-            summary["score-histogram"] = sum(hists).tolist()
+            pooled = pool_histograms(hists)
+            summary.update(pooled_staging_metrics(pooled, sum(confs)))
+            summary["score-histogram"] = pooled.ravel().tolist()
+        else:  # no site released an evaluation: nothing pooled, said as such
+            summary.update({"macro-auroc": float("nan"), "n-hips": 0.0})
         for name, s in per_site.items():
             summary["sites"][name] = {k: v for k, v in s.items() if not isinstance(v, list)}
     else:
         for key in ("mae-hu", "psnr", "ssim"):
             if total > 0:
                 summary[key] = (
-                    sum(float(s[key]) * float(s["num-examples"]) for s in per_site.values()) / total
+                    sum(float(s.get(key, 0.0)) * float(s["num-examples"]) for s in per_site.values()) / total
                 )
         summary["sites"] = per_site
     return summary

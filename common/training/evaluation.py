@@ -2,6 +2,9 @@
 
 A site turns its predictions into aggregate counts (per-class score histograms and a confusion
 matrix); the server sums the counts of all sites and computes pooled metrics from the sums.
+How coarse a site's histograms are, and below how many hips it releases nothing, is the site's
+own policy (``client.policy.ReleaseBounds``); sites that release different bin counts are pooled
+on the finest of their grids (:func:`pool_histograms`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,37 @@ def site_evaluation(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[st
         "macro-auroc": float(site_auroc) if np.isfinite(site_auroc) else -1.0,
         "accuracy": float((pred == labels).mean()) if len(labels) else -1.0,
     }
+
+
+def rebin_histograms(hist: np.ndarray, bins: int) -> np.ndarray:
+    """``(C, 2, b)`` counts moved onto ``bins`` equal bins over [0, 1] (float64).
+
+    Each old bin's count is shared among the new bins in proportion to their overlap with it:
+    the identity when ``b == bins``, exact sums when ``bins`` divides ``b``, and an even spread of
+    each count over its own interval when the new grid is finer.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    old = np.linspace(0.0, 1.0, hist.shape[-1] + 1)
+    new = np.linspace(0.0, 1.0, bins + 1)
+    overlap = np.clip(
+        np.minimum(old[1:, None], new[None, 1:]) - np.maximum(old[:-1, None], new[None, :-1]), 0.0, None
+    )
+    share = overlap / np.diff(old)[:, None]  # (b, bins): rows sum to 1
+    return hist @ share
+
+
+def pool_histograms(histograms: list) -> np.ndarray:
+    """The sum of the sites' flattened ``(4, 2, b)`` score histograms, on the finest grid among them.
+
+    Sites may release different bin counts (each coarsens to its own policy's ``max-release-bins``);
+    a coarser site's counts are spread over the finer bins (:func:`rebin_histograms`). When every
+    site releases the same bins, as under one shared policy, this is the plain sum.
+    """
+    shaped = [np.asarray(h, dtype=np.float64).reshape(N_CLASSES, 2, -1) for h in histograms]
+    if not shaped:
+        raise ValueError("pool_histograms: no histogram to pool")
+    bins = max(h.shape[-1] for h in shaped)
+    return sum(h if h.shape[-1] == bins else rebin_histograms(h, bins) for h in shaped)
 
 
 def pooled_staging_metrics(histogram_sum: np.ndarray, confusion_sum: np.ndarray) -> dict[str, float]:

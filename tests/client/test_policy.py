@@ -13,10 +13,12 @@ from client.client_app import SiteError, make_client_app
 from client.policy import (
     DEFAULT_SOURCE,
     LIMITS,
+    RELEASE_KEYS,
     WALL_TIME_KEY,
     Deadline,
     PolicyError,
     PolicyRefusal,
+    ReleaseBounds,
     SitePolicy,
 )
 from common.config import RunConfig, SiteConfig, load_run_config
@@ -53,9 +55,10 @@ def test_the_example_and_the_default_accept_the_app_defaults() -> None:
 
 def test_the_example_sets_every_key() -> None:
     table = tomllib.loads(EXAMPLE.read_text())["limits"]
-    assert set(table) == {*LIMITS, WALL_TIME_KEY}
+    assert set(table) == {*LIMITS, WALL_TIME_KEY, *RELEASE_KEYS}
     policy = SitePolicy.load(EXAMPLE)
     assert policy.source == str(EXAMPLE) and policy.wall_time_s == table[WALL_TIME_KEY]
+    assert policy.release == ReleaseBounds(table["min-release-hips"], table["max-release-bins"])
 
 
 def test_default_policy_is_finite_and_named() -> None:
@@ -65,6 +68,7 @@ def test_default_policy_is_finite_and_named() -> None:
         assert all(0 < v < float("inf") for v in policy.limits.values())
         assert 0 < policy.wall_time_s < float("inf")
         assert policy.source == DEFAULT_SOURCE
+        assert policy.release == ReleaseBounds(10, 20)
     (refused,) = SitePolicy().check(RunConfig(stage_epochs=1000))
     assert refused.key == "stage-epochs" and refused.bound == 50 and "built-in default" in str(refused)
     (single,) = SitePolicy().check(RunConfig(batch_size=1))
@@ -85,10 +89,10 @@ def test_each_bound(tmp_path: Path, policy_key: str) -> None:
         run_key,
         past,
         16,
-        str(path),
+        path.name,
     )
     most = "at most" if kind == "max" else "at least"
-    assert str(violation) == f"run-config {run_key} = {past}: its policy ({path}) allows {most} 16"
+    assert str(violation) == f"run-config {run_key} = {past}: its policy ({path.name}) allows {most} 16"
 
 
 def test_keys_left_out_keep_the_defaults(tmp_path: Path) -> None:
@@ -124,6 +128,13 @@ def test_a_run_config_dict_is_checked_like_a_run_config(tmp_path: Path) -> None:
             "min-batch-size = 64 exceeds max-batch-size = 32",
         ),
         ("[limits]\nmax-batch-size = 8\n", "max-batch-size = 8 is below 16"),
+        ("[limits]\nmax-release-bins = 1\n", "max-release-bins = 1 must be at least 2"),
+        ("[limits]\nmin-release-hips = 0\n", "min-release-hips = 0 must be > 0"),
+        ("[limits]\nmin-release-hips = 2.5\n", "must be a whole number"),
+        (
+            "[limits]\nmax-histogram-bins = 100\n",
+            "max-histogram-bins is no longer a key; use max-release-bins",
+        ),
     ],
 )
 def test_a_bad_file_is_refused_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -151,8 +162,9 @@ def test_refusal_names_site_key_value_bound_and_file(tmp_path: Path) -> None:
         policy.enforce("site-01", RunConfig(stage_epochs=50))
     assert (
         str(caught.value)
-        == f"site site-01: refuses run-config stage-epochs = 50: its policy ({path}) allows at most 5"
+        == f"site site-01: refuses run-config stage-epochs = 50: its policy ({path.name}) allows at most 5"
     )
+    assert str(tmp_path) not in str(caught.value)  # the file's folder stays at the site
     with pytest.raises(PolicyRefusal) as caught:
         policy.enforce("site-01", RunConfig(stage_epochs=50, batch_size=1))
     assert str(caught.value).endswith("allows at most 5; also batch-size = 1 (at least 4)")
@@ -216,7 +228,7 @@ def test_client_app_refuses_before_touching_data(tmp_path: Path) -> None:
     with pytest.raises(SiteError) as caught:
         app(_train_message(), _context(tmp_path, policy))
     assert str(caught.value) == (
-        f"site north: refuses run-config stage-epochs = 50: its policy ({policy}) allows at most 5"
+        f"site north: refuses run-config stage-epochs = 50: its policy ({policy.name}) allows at most 5"
     )
 
 
@@ -225,5 +237,15 @@ def test_client_app_reports_a_bad_policy_file(tmp_path: Path) -> None:
     with pytest.raises(SiteError) as caught:
         make_client_app()(_train_message(), _context(tmp_path, policy))
     assert str(caught.value).startswith(
-        f"site north: refuses every task: site policy {policy}: unknown key max-epochs"
+        f"site north: refuses every task: site policy {policy.name}: unknown key max-epochs"
     )
+    assert str(tmp_path) not in str(caught.value)
+
+
+def test_release_bounds_coarsen_and_withhold(tmp_path: Path) -> None:
+    """The release bounds are applied at the site, never refused: any histogram-bins is accepted."""
+    policy = SitePolicy.load(write_policy(tmp_path, "[limits]\nmin-release-hips = 4\nmax-release-bins = 8\n"))
+    assert policy.release == ReleaseBounds(min_hips=4, max_bins=8)
+    assert policy.check(RunConfig(histogram_bins=100_000)) == []
+    assert [policy.release.bins(b) for b in (2, 8, 9, 1000)] == [2, 8, 8, 8]
+    assert [policy.release.withholds(n) for n in (0, 3, 4, 40)] == [True, True, False, False]

@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
-from client import tasks
+from client import ledger, tasks
 from client.client_app import make_client_app
 from common.config import SiteConfig
 from common.models.factory import build_staging
@@ -46,9 +46,9 @@ def client_app_with_policies(overrides: dict, policies: dict[int, Path]) -> Clie
 
 @pytest.mark.slow
 def test_run_finishes_without_the_refusing_site(tiny_federation, tmp_path):
-    cfg = tiny_config(tiny_federation, tmp_path, run_name="policy")  # batch-size 4, histogram-bins 200
+    cfg = tiny_config(tiny_federation, tmp_path, run_name="policy")  # batch-size 4, hip-size 32
     policy = tmp_path / "site-01-policy.toml"
-    policy.write_text("[limits]\nmin-batch-size = 8\nmax-histogram-bins = 100\n")
+    policy.write_text("[limits]\nmin-batch-size = 8\nmax-hip-size = 16\n")
     overrides = cfg.to_dict()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -60,8 +60,8 @@ def test_run_finishes_without_the_refusing_site(tiny_federation, tmp_path):
         )
     results = json.loads((cfg.run_dir / "results.json").read_text())
     refusal = (
-        f"site {REFUSING_SITE}: refuses run-config batch-size = 4: its policy ({policy}) allows at least 8; "
-        "also histogram-bins = 200 (at most 100)"
+        f"site {REFUSING_SITE}: refuses run-config batch-size = 4: its policy ({policy.name}) allows at least 8; "
+        "also hip-size = 32 (at most 16)"
     )
     failures = results["failures"]
     # The refusing site answered no step, from the inventory on; every failure is its refusal.
@@ -77,6 +77,9 @@ def test_run_finishes_without_the_refusing_site(tiny_federation, tmp_path):
     assert results["history"]["stage"][0]["train-sites"] == 1
     final = np.load(cfg.run_dir / "final_model.npz")
     assert final.files and all(np.isfinite(final[k]).all() for k in final.files)
+    # Each refusal is a message the site sent: its egress ledger lists them, with the text sent.
+    lines = ledger.read(ledger.default_ledger_path(Path(cfg.cache_dir) / REFUSING_SITE, REFUSING_SITE))
+    assert [line["error"] for line in lines] == [refusal] * len(failures)
     # It refused before loading anything: its data were never even preprocessed.
     assert (Path(cfg.cache_dir) / "site-00").is_dir()
     assert not (Path(cfg.cache_dir) / REFUSING_SITE).exists()
