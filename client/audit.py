@@ -30,7 +30,7 @@ def summarise(entries: Iterable[dict], server: str | None = None) -> dict:
 
     Returns ``messages``, ``first``/``last`` (ISO times, None when empty), ``sites``, ``server``,
     ``array-bytes`` (tensor bytes of all arrays sent), ``rows`` (one per run, phase and kind:
-    ``run-id``, ``phase``, ``kind``, ``messages``, ``array-bytes``, ``first``, ``last``),
+    ``run-id``, ``phase``, ``kind``, ``messages``, ``masked``, ``array-bytes``, ``first``, ``last``),
     ``metric-keys``, ``config-keys``, ``withheld`` (evaluations withheld by the release bound),
     ``errors`` (error replies) and ``masked`` (messages sent under secure aggregation).
     """
@@ -42,9 +42,10 @@ def summarise(entries: Iterable[dict], server: str | None = None) -> dict:
         key = (entry.get("run-id"), str(entry.get("phase")), str(entry.get("kind")))
         row = rows.setdefault(
             key,
-            {"run-id": key[0], "phase": key[1], "kind": key[2], "messages": 0, "array-bytes": 0},
+            {"run-id": key[0], "phase": key[1], "kind": key[2], "messages": 0, "masked": 0, "array-bytes": 0},
         )
         row["messages"] += 1
+        row["masked"] += int(bool(entry.get("masked")))
         row["array-bytes"] += int(entry.get("array-bytes", 0))
         row["first"] = min(row.get("first", entry["time"]), entry["time"])
         row["last"] = max(row.get("last", entry["time"]), entry["time"])
@@ -85,13 +86,14 @@ def render(summary: dict, source: Path | str) -> str:
         f"error replies: {summary['errors']}; masked (secure aggregation): {summary['masked']}",
         "",
     ]
-    header = ["run", "phase", "kind", "messages", "tensor bytes", "first (UTC)", "last (UTC)"]
+    header = ["run", "phase", "kind", "messages", "masked", "tensor bytes", "first (UTC)", "last (UTC)"]
     table = [header] + [
         [
             str(r["run-id"]),
             r["phase"],
             r["kind"],
             str(r["messages"]),
+            str(r.get("masked", 0)),
             _bytes(r["array-bytes"]),
             r["first"][:19],
             r["last"][:19],

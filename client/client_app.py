@@ -6,13 +6,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import ledger, tasks
-from client.policy import Deadline, PolicyError, PolicyRefusal, SitePolicy
+from client import ledger, secagg, tasks
+from client.policy import Deadline, PolicyError, PolicyRefusal, ReleaseBounds, SitePolicy
 from common.config import RunConfig, SiteConfig
 from common.records import from_record, to_record
+from common.secagg import encode_counts, evaluation_vector, training_vector
+from common.updates import clip_update, update_of
 
 log = logging.getLogger("onfh.client")
 
@@ -92,49 +95,132 @@ def _setup(context: Context, overrides: dict[str, Any]) -> tuple[RunConfig, Site
 
 
 def _reply(
-    msg: Message, context: Context, site: SiteConfig, metrics: dict, arrays: dict | None = None
+    msg: Message,
+    context: Context,
+    site: SiteConfig,
+    metrics: dict,
+    arrays: dict | None = None,
+    secure: dict | None = None,
+    masked: bool = False,
 ) -> Message:
     """The reply to ``msg``, once its ledger line is written (every value, the arrays' names,
-    shapes, dtypes and bytes): a reply the site cannot record is not sent."""
+    shapes, dtypes and bytes): a reply the site cannot record is not sent. ``secure``: the
+    secure-aggregation record of a keys, shares or unmask step; ``masked``: ``arrays`` is a masked vector."""
     content = RecordDict(
         {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-name": site.site_name})}
     )
     if arrays is not None:
         content["arrays"] = to_record(arrays)
+    if secure is not None:
+        content["secagg"] = ConfigRecord(secure)
     reply = Message(content=content, reply_to=msg)
     path = ledger.ledger_path(context.node_config, site.cache_dir, site.site_name)
-    ledger.append(path, ledger.reply_entry(msg, reply, site.site_name))
+    ledger.append(path, ledger.reply_entry(msg, reply, site.site_name, masked=masked))
     return reply
 
 
+def _secure_record(msg: Message, context: Context, site: SiteConfig, policy: SitePolicy, step: str):
+    """The request's secure-aggregation record, with the shares it relays taken in; None for a plain
+    request, which a site whose policy requires secure aggregation refuses."""
+    record = msg.content.config_records.get("secagg")
+    if record is None:
+        if policy.require_secure_aggregation:
+            raise PolicyRefusal(
+                f"site {site.site_name}: refuses {step} without secure aggregation "
+                f"(require-secure-aggregation in {policy.file_name}); run with secure-aggregation = true"
+            )
+        return None
+    if "from" in record:
+        secagg.receive_shares(record, context.state)
+    return record
+
+
 def handle_train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
-    cfg, site, _, deadline = _setup(context, overrides)
+    cfg, site, policy, deadline = _setup(context, overrides)
     config = msg.content["config"]
     phase, phase_round = str(config["phase"]), int(config["phase-round"])
+    secure = _secure_record(msg, context, site, policy, "training")
     # FedBN: the site's own normalisation layers live in its cache dir, not in ``context.state``,
     # so that they survive a restart of the site or of the simulation (a resumed run).
     before = tasks.load_local_layers(site, cfg, phase, before=phase_round) if cfg.fedbn else None
-    arrays, metrics, local = tasks.train_round(
-        phase, site, cfg, from_record(msg.content["arrays"]), phase_round, before, deadline.check
-    )
+    sent = from_record(msg.content["arrays"])
+    arrays, metrics, local = tasks.train_round(phase, site, cfg, sent, phase_round, before, deadline.check)
     if cfg.fedbn and local:
         tasks.save_local_layers(site, cfg, phase, phase_round, local)
-    return _reply(msg, context, site, metrics, arrays)
+    if secure is None:
+        return _reply(msg, context, site, metrics, arrays)
+    masked = _masked_update(context, site, cfg, phase, secure, sent, arrays, metrics)
+    kept = {k: metrics[k] for k in ("num-examples", "train-seconds") if k in metrics}
+    return _reply(msg, context, site, kept, {"masked": masked}, masked=True)
+
+
+def _masked_update(
+    context: Context,
+    site: SiteConfig,
+    cfg: RunConfig,
+    phase: str,
+    secure: ConfigRecord,
+    sent: dict,
+    arrays: dict,
+    metrics: dict,
+) -> np.ndarray:
+    """The site's training contribution, masked: its update weighted by its share of examples
+    (under DP: clipped here to ``dp-clip-norm``, unweighted, as the server cannot clip a masked update)."""
+    n = float(metrics.get("num-examples", 0))
+    update = update_of(arrays, sent)
+    if cfg.dp_noise_multiplier > 0 and cfg.dp_phases in ("both", phase):
+        update, _ = clip_update(update, cfg.dp_clip_norm)
+        weight = 1.0 if n > 0 else 0.0
+    else:
+        weight = min(1.0, n / max(1.0, float(secure["max-examples"])))
+    vector, clipped = secagg.encode_update(
+        training_vector(update, weight, float(metrics.get("loss", 0.0))), cfg.secagg_clip_range
+    )
+    if clipped:
+        log.warning(
+            "site %s: %d update values beyond secagg-clip-range %g were clipped before masking",
+            site.site_name,
+            clipped,
+            cfg.secagg_clip_range,
+        )
+    return secagg.mask(context.state, str(secure["session"]), "train", vector)
 
 
 def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
     cfg, site, policy, deadline = _setup(context, overrides)
     config = msg.content["config"]
     phase, split = str(config.get("phase", "stage")), str(config.get("split", "val"))
+    secure = _secure_record(msg, context, site, policy, "evaluation")
     local = tasks.load_local_layers(site, cfg, phase) if cfg.fedbn else None
     arrays = from_record(msg.content["arrays"])
-    metrics = tasks.evaluate_round(phase, split, site, cfg, arrays, local, deadline.check, policy.release)
-    return _reply(msg, context, site, metrics)
+    # A masked evaluation is no release of this site's own: the server sees only the sum over at
+    # least ``threshold`` sites, so the per-site release bounds do not apply to it.
+    release = ReleaseBounds(min_hips=0, max_bins=cfg.histogram_bins) if secure is not None else policy.release
+    metrics = tasks.evaluate_round(phase, split, site, cfg, arrays, local, deadline.check, release)
+    if secure is None:
+        return _reply(msg, context, site, metrics)
+    vector = encode_counts(evaluation_vector(phase, metrics))
+    masked = secagg.mask(context.state, str(secure["session"]), "evaluate", vector)
+    return _reply(
+        msg, context, site, {"num-examples": metrics["num-examples"]}, {"masked": masked}, masked=True
+    )
+
+
+_SECURE_STEPS = {
+    "secagg-keys": secagg.keys_reply,
+    "secagg-shares": secagg.shares_reply,
+    "secagg-unmask": secagg.unmask_reply,
+}
 
 
 def handle_query(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
-    """Site inventory: the site's name and how much data each phase can use (counts only)."""
+    """Site inventory (the site's name and how much data each phase can use: counts only), or a
+    step of secure aggregation (:mod:`client.secagg`)."""
     cfg, site, _, _ = _setup(context, overrides)
+    config = msg.content["config"]
+    step = _SECURE_STEPS.get(str(config.get("query", "inventory")))
+    if step is not None:
+        return _reply(msg, context, site, {}, secure=step(config, context.state))
     return _reply(msg, context, site, tasks.inventory(site, cfg))
 
 

@@ -12,7 +12,10 @@ A line holds what was sent, value by value, except the weights themselves::
 
 ``kind`` is ``query`` (the inventory), ``train``, ``evaluate`` or ``error`` (then ``task`` names the
 request it answers and ``error`` holds the text sent); ``arrays`` lists each array's name, shape,
-dtype and bytes; ``masked`` is false while no secure aggregation hides the weights.
+dtype and bytes; ``masked`` is true where the arrays are a secure-aggregation masked vector
+(:mod:`client.secagg`: the server can only sum it with the other sites'). Key material the
+secure aggregation sends (public keys, shares encrypted for other sites) is written as its size,
+e.g. ``"<215 bytes>"``.
 
 The file is the node config's ``ledger-file``, else ``SITE.egress-ledger.jsonl`` beside the
 site's cache folder (``onfh site``: ``~/.cache/onfh/SITE/SITE.egress-ledger.jsonl``), so that
@@ -107,12 +110,22 @@ def _request_fields(request: Message) -> dict[str, Any]:
     return fields
 
 
+def _shown(value: Any) -> Any:
+    """A config value as the ledger writes it: bytes (keys, ciphertexts) by their size, lists item by item."""
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, list):
+        return [_shown(v) for v in value]
+    return value
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def reply_entry(request: Message, reply: Message, site: str) -> dict[str, Any]:
-    """The ledger line of ``reply`` (a reply with content) to ``request`` from ``site``."""
+def reply_entry(request: Message, reply: Message, site: str, masked: bool = False) -> dict[str, Any]:
+    """The ledger line of ``reply`` (a reply with content) to ``request`` from ``site``; ``masked``:
+    its arrays are a secure-aggregation masked vector."""
     content = reply.content
     arrays = [
         {
@@ -134,9 +147,9 @@ def reply_entry(request: Message, reply: Message, site: str) -> dict[str, Any]:
         "arrays": arrays,
         "array-bytes": sum(a["bytes"] for a in arrays),
         "metrics": {k: (list(v) if isinstance(v, list) else v) for k, v in metrics.items()},
-        "config": {k: (list(v) if isinstance(v, list) else v) for k, v in config.items()},
+        "config": {k: _shown(list(v) if isinstance(v, list) else v) for k, v in config.items()},
         "error": None,
-        "masked": False,
+        "masked": bool(masked),
     }
 
 

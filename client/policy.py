@@ -54,6 +54,8 @@ LIMITS: dict[str, tuple[str, str, int]] = {
 WALL_TIME_KEY = "max-wall-time-s"
 # policy key -> built-in default of the release bounds (ReleaseBounds), applied at the site.
 RELEASE_KEYS: dict[str, int] = {"min-release-hips": 10, "max-release-bins": 20}
+# true: the site refuses training and evaluation requests without secure aggregation (default false).
+SECURE_KEY = "require-secure-aggregation"
 # Keys of earlier policy files -> what replaced them (named in the error, with the fix).
 RENAMED = {
     "max-histogram-bins": "max-release-bins (the site now coarsens a finer histogram-bins instead of refusing it)"
@@ -142,6 +144,7 @@ class SitePolicy:
     wall_time_s: float = DEFAULT_WALL_TIME_S
     source: str = DEFAULT_SOURCE
     release: ReleaseBounds = field(default_factory=ReleaseBounds)
+    require_secure_aggregation: bool = False
 
     @classmethod
     def load(cls, path: Path | str | None) -> SitePolicy:
@@ -173,9 +176,14 @@ class SitePolicy:
         limits = dict(cls().limits)
         wall_time_s = DEFAULT_WALL_TIME_S
         release = dict(RELEASE_KEYS)
+        require_secure = False
         for key, value in table.items():
             if key == WALL_TIME_KEY:
                 wall_time_s = _number(path, key, value)
+            elif key == SECURE_KEY:
+                if not isinstance(value, bool):
+                    raise PolicyError(f"site policy {path}: {key} = {value!r} must be true or false")
+                require_secure = value
             elif key in LIMITS:
                 limits[key] = _number(path, key, value)
             elif key in RELEASE_KEYS:
@@ -183,7 +191,7 @@ class SitePolicy:
             elif key in RENAMED:
                 raise PolicyError(f"site policy {path}: {key} is no longer a key; use {RENAMED[key]}")
             else:
-                known = ", ".join([*LIMITS, WALL_TIME_KEY, *RELEASE_KEYS])
+                known = ", ".join([*LIMITS, WALL_TIME_KEY, *RELEASE_KEYS, SECURE_KEY])
                 raise PolicyError(f"site policy {path}: unknown key {key} in [limits]; known keys: {known}")
         if release["max-release-bins"] < 2:
             raise PolicyError(
@@ -201,7 +209,7 @@ class SitePolicy:
                 f"{PRETRAIN_MIN_BATCH}, the pairs every pretraining step takes; use {PRETRAIN_MIN_BATCH} or more"
             )
         bounds = ReleaseBounds(release["min-release-hips"], release["max-release-bins"])
-        return cls(limits, wall_time_s, str(path), bounds)
+        return cls(limits, wall_time_s, str(path), bounds, require_secure)
 
     @property
     def file_name(self) -> str:

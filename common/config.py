@@ -179,6 +179,10 @@ STRATEGIES = (
 )
 
 
+# Strategies whose aggregate is a weighted sum of the updates: the only ones secure aggregation serves.
+SECURE_STRATEGIES = ("fedavg", "fedprox")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Every setting of a federated run. Field ``hip_slices`` is run-config key ``hip-slices``."""
@@ -219,6 +223,9 @@ class RunConfig:
     dp_clip_norm: float = 2.0  # L2 bound of each site's update; docs/federation.md "Differential privacy"
     dp_delta: float = 1e-5
     dp_phases: str = "both"  # "both", "pretrain" or "stage"
+    # SecAgg+ (common/secagg.py): the server learns only sums of the sites' updates and evaluations.
+    secure_aggregation: bool = True
+    secagg_clip_range: float = 4.0  # update values (weights minus those sent) beyond +- this are clipped
     min_sites: int = 1
     round_timeout_s: float = 3600.0
     update_dtype: str = "float32"
@@ -271,6 +278,15 @@ class RunConfig:
             bad("update-norm-factor", self.update_norm_factor, "use a factor >= 1, or 0 for no bound")
         ModelConfig(preset=self.model_preset, fusion=self.fusion, norm=self.norm)  # validates
         check_dp_settings(self)
+        if self.secure_aggregation and self.strategy not in SECURE_STRATEGIES:
+            bad(
+                "secure-aggregation",
+                True,
+                f"the server sees only the sum of the updates, which strategy '{self.strategy}' cannot use; "
+                f"use strategy {' or '.join(repr(s) for s in SECURE_STRATEGIES)}, or secure-aggregation = false",
+            )
+        if not self.secagg_clip_range > 0:
+            bad("secagg-clip-range", self.secagg_clip_range, "use a positive bound, e.g. 4.0")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:

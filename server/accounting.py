@@ -175,3 +175,23 @@ def summarise_evaluation(
                 )
         summary["sites"] = per_site
     return summary
+
+
+def summarise_sums(phase: str, sums: dict, sites: list[str]) -> dict:
+    """The evaluation summary from a secure aggregate (:func:`common.secagg.evaluation_sums`): the
+    pooled figures only; ``secure-aggregation`` lists the sites in the sum (no site's own figures exist)."""
+    summary: dict = {
+        "num-examples": float(sums["num-examples"]),
+        "sites": {},
+        "secure-aggregation": {"sites": sites},
+    }
+    if phase == "stage":
+        hist = np.asarray(sums["score-histogram"], np.float64)
+        if hist.sum() > 0:
+            summary.update(pooled_staging_metrics(hist, np.asarray(sums["confusion"], np.float64)))
+            summary["score-histogram"] = hist.ravel().tolist()
+        else:
+            summary.update({"macro-auroc": float("nan"), "n-hips": 0.0})
+    else:
+        summary.update({k: v for k, v in sums.items() if k != "num-examples"})
+    return summary

@@ -26,7 +26,6 @@ from common.models.transfer import load_pretrained_encoder
 from common.records import from_record, to_record
 from common.training.device import seed_everything
 from common.training.weights import get_shared_state, set_shared_state
-from server.accounting import summarise_evaluation
 from server.checkpoint import (
     Checkpoint,
     read_checkpoint,
@@ -277,5 +276,4 @@ def _final_test(run: _Run, arrays: dict[str, np.ndarray]) -> dict:
     strategy = build_strategy(run.cfg, state, arrays)
     messages = strategy.configure_evaluate(0, to_record(arrays), ConfigRecord({"split": "test"}), run.grid)
     replies = run.grid.send_and_receive(messages, timeout=run.cfg.round_timeout_s)
-    kept = strategy.screen(0, replies, "test", check_arrays=False)
-    return summarise_evaluation("stage", kept, strategy.site_of)
+    return strategy.pooled_evaluation(0, replies, "test")

@@ -42,6 +42,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from common.config import RunConfig
+from common.updates import clip_update, l2_norm, update_of  # noqa: F401  (l2_norm: re-exported)
 
 log = logging.getLogger("onfh.server")
 
@@ -50,32 +51,6 @@ UNIT = (
     "one site's whole weight update per round (site-level DP); central: the server clips and adds "
     "the noise; neighbouring runs differ in one site's updates replaced by none"
 )
-
-
-def update_of(arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A site's update over the shared arrays: its weights minus the global weights sent (float64).
-
-    Raises:
-        ValueError: an array is not floating point (its noise could not be represented).
-    """
-    update = {}
-    for name, base in sent.items():
-        if not np.issubdtype(base.dtype, np.floating):
-            raise ValueError(f"differential privacy needs float tensors; {name!r} is {base.dtype}")
-        update[name] = arrays[name].astype(np.float64) - base.astype(np.float64)
-    return update
-
-
-def l2_norm(arrays: dict[str, np.ndarray]) -> float:
-    """L2 norm of all arrays taken as one vector."""
-    return float(math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in arrays.values())))
-
-
-def clip_update(update: dict[str, np.ndarray], clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
-    """``(update scaled to L2 norm <= clip_norm, its norm before)``: flat clipping over all arrays."""
-    norm = l2_norm(update)
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return {k: v * scale for k, v in update.items()}, norm
 
 
 def noise_std(noise_multiplier: float, clip_norm: float, n_sites: int) -> float:
@@ -148,7 +123,22 @@ class SiteLevelDP:
             clipped += norm > self.clip_norm
             for name, value in update.items():
                 total[name] += value
-        n = len(replies)
+        return self.noise_sum(sent, total, len(replies), int(clipped), rounds, round_no)
+
+    def noise_sum(
+        self,
+        sent: dict[str, np.ndarray],
+        total: dict[str, np.ndarray],
+        n: int,
+        clipped: int | None,
+        rounds: list[dict],
+        round_no: int,
+    ) -> tuple[dict[str, np.ndarray], dict]:
+        """The new global weights from ``total``, the sum of ``n`` clipped updates, plus the noise.
+
+        Under secure aggregation the sites clip their own updates and the server gets only
+        ``total``; ``clipped`` (how many updates the clip shortened) is then None: unknown here.
+        """
         std = noise_std(self.noise_multiplier, self.clip_norm, n)
         released = {
             name: (
@@ -159,19 +149,19 @@ class SiteLevelDP:
         releases = 1 + sum(1 for entry in rounds if "privacy" in entry)
         note = {
             "sites": n,
-            "clipped-sites": int(clipped),
+            "clipped-sites": clipped,
             "noise-std": std,
             "releases": releases,
             "epsilon-phase": epsilon(self.noise_multiplier, releases, self.delta),
             "epsilon-run": epsilon(self.noise_multiplier, self.prior_releases + releases, self.delta),
         }
         log.info(
-            "[%s round %d] DP: %d site updates (%d clipped to L2 %g), noise std %.3g; "
+            "[%s round %d] DP: %d site updates (%s clipped to L2 %g), noise std %.3g; "
             "epsilon %.4g this phase, %.4g run so far, at delta %g",
             self.phase,
             round_no,
             n,
-            clipped,
+            "?" if clipped is None else clipped,
             self.clip_norm,
             std,
             note["epsilon-phase"],

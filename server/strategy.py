@@ -40,10 +40,19 @@ from flwr.serverapp.strategy import (
 
 from common.config import STRATEGIES, RunConfig
 from common.records import from_record, to_record
-from server.accounting import RoundAccount, RoundClock, summarise_evaluation
+from common.secagg import (
+    decode_counts,
+    decode_update,
+    evaluation_length,
+    evaluation_sums,
+    training_sums,
+    update_layout,
+)
+from server.accounting import RoundAccount, RoundClock, summarise_evaluation, summarise_sums
 from server.bounds import ReplyBounds, ReplyChecks, update_norm
 from server.privacy import SiteLevelDP
 from server.robust import BulyanRule, KrumRule, MultiKrumRule, TrimmedRule
+from server.secagg import SecureSession
 from server.validation import update_problem
 
 log = logging.getLogger("onfh.server")
@@ -98,6 +107,12 @@ class GuardedStrategy(ReplyChecks):
         # Caps come with the inventory (build_strategy); without one nothing is clipped.
         self.bounds = ReplyBounds.for_phase(state.phase, cfg, None)
         self.privacy: SiteLevelDP | None = None  # set by build_strategy for a phase under DP
+        # Secure aggregation (server/secagg.py): one session per round, or per final test.
+        self.secure_aggregation = cfg.secure_aggregation
+        self.secagg_clip_range = cfg.secagg_clip_range
+        self.histogram_bins = cfg.histogram_bins
+        self.timeout = cfg.round_timeout_s
+        self.session: SecureSession | None = None
         self._unbound_flagged: set[int] = set()
         self._sent: list[Message] = []  # this step's messages; their ids are set when Flower pushes them
         self.on_round_end = on_round_end or (lambda *_: None)
@@ -199,9 +214,9 @@ class GuardedStrategy(ReplyChecks):
                 continue
             if step == "train" and "train-seconds" in metrics:
                 self.state.account.site_train_seconds[site] = float(metrics["train-seconds"])
-            if self._clip_examples(server_round, step, msg, site) <= 0:
+            if self._clip_examples(server_round, step, msg, site) <= 0 and not self.secure_aggregation:
                 idle += 1  # the site has no data for this step: it answers but does not take part
-                continue
+                continue  # (a masked reply is kept: its masks are needed for the sum, its weight is 0)
             if check_arrays:
                 problem, arrays = self._update_problem(msg)
                 if problem:
@@ -221,6 +236,84 @@ class GuardedStrategy(ReplyChecks):
             )
         return kept
 
+    # -- secure aggregation ------------------------------------------------------------------
+    def _secure(
+        self, server_round: int, grid: Grid, messages: list[Message], label: str, extra: dict | None = None
+    ) -> list[Message]:
+        """``messages`` for the sites of this round's session, each with its own ``secagg`` record.
+
+        The round's session (labels ``train`` and ``evaluate``) opens with the training messages; an
+        evaluation outside a round (the final test) opens its own.
+        """
+        fresh = label == "train" or self.session is None or "evaluate" in self.session.revealed
+        if fresh:
+            labels = ["train", "evaluate"] if label == "train" else ["evaluate"]
+
+            def failed(node: int, step: str, reason: str) -> None:
+                site = self.state.sites.get(node, f"node-{node}")
+                self._fail(server_round, step, site, f"error at the site: {short_reason(reason)}")
+
+            def tally(key: str, node: int, msg: Message) -> None:
+                self.state.account.tally(key, self.state.sites.get(node, f"node-{node}"), msg)
+
+            nodes = [m.metadata.dst_node_id for m in messages]
+            self.session = SecureSession(grid, self.timeout, failed, labels, tally=tally).open(nodes)
+        return self.session.attach(messages, label, relay=fresh, extra=extra)
+
+    def _max_examples(self) -> int:
+        """The most examples any site's inventory reports for the phase: each site's weight in the
+        masked mean is its share of this (1 where no inventory was given)."""
+        caps = self.bounds.caps or {}
+        return int(max(caps.values(), default=1))
+
+    def _masked_vectors(self, server_round: int, step: str, kept: list[Message], length: int) -> dict:
+        masked = {}
+        for msg in kept:
+            record = next(iter(msg.content.array_records.values()), None)
+            vector = from_record(record).get("masked") if record is not None else None
+            if vector is None or vector.dtype != np.uint32 or vector.shape != (length,):
+                self._fail(
+                    server_round, step, self.site_of(msg), f"reply is not a masked vector of {length} uint32"
+                )
+                continue
+            masked[self.node_of(msg)] = vector
+        return masked
+
+    def _secure_train(
+        self, server_round: int, kept: list[Message]
+    ) -> tuple[ArrayRecord, MetricRecord, dict | None]:
+        """The new global weights from the sum of the masked updates (FedAvg: example-weighted mean),
+        the round's metrics, and its DP note (None without DP)."""
+        sent = self.bounds.sent
+        masked = self._masked_vectors(server_round, "train", kept, update_layout(sent))
+        total = self.session.reveal("train", masked)
+        weight, loss, sums = training_sums(decode_update(total, len(masked), self.secagg_clip_range), sent)
+        examples = sum(float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in kept)
+        metrics = MetricRecord({"num-examples": examples, **({"loss": loss / weight} if weight > 0 else {})})
+        note = None
+        if weight <= 0:
+            arrays = dict(sent)
+        elif self.privacy is not None:  # the sites clipped; the weights are 1 per site with data
+            arrays, note = self.privacy.noise_sum(
+                sent, sums, int(round(weight)), None, self.state.rounds, self._absolute(server_round)
+            )
+        else:
+            arrays = {k: (v.astype(np.float64) + sums[k] / weight).astype(v.dtype) for k, v in sent.items()}
+        return to_record(arrays), metrics, note
+
+    def pooled_evaluation(self, server_round: int, replies: Iterable[Message], step: str) -> dict:
+        """The evaluation summary of one step's replies: from the masked sum under secure aggregation,
+        else pooled from the sites' own releases (:func:`server.accounting.summarise_evaluation`)."""
+        kept = self.screen(server_round, replies, step, check_arrays=False)
+        if not self.secure_aggregation:
+            return summarise_evaluation(self.state.phase, kept, self.site_of)
+        length = evaluation_length(self.state.phase, self.histogram_bins)
+        masked = self._masked_vectors(server_round, step, kept, length)
+        total = self.session.reveal("evaluate", masked)
+        sums = evaluation_sums(self.state.phase, decode_counts(total), self.histogram_bins)
+        sites = sorted(self.state.sites.get(node, f"node-{node}") for node in masked)
+        return summarise_sums(self.state.phase, sums, sites)
+
     # -- Flower hooks ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         account = self.state.account = RoundAccount(RoundClock.for_training())
@@ -229,6 +322,10 @@ class GuardedStrategy(ReplyChecks):
         self.bounds.sent = from_record(arrays)  # each update's norm is measured from these
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._bind_registered(grid, messages)
+        if self.secure_aggregation:
+            messages = self._secure(
+                server_round, grid, messages, "train", {"max-examples": self._max_examples()}
+            )
         self.state.last_sent = [m.metadata.dst_node_id for m in messages]
         self._sent = messages
         self._tally_sent("train", messages)
@@ -237,10 +334,15 @@ class GuardedStrategy(ReplyChecks):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies_in = time.perf_counter()
-        kept = self.screen(server_round, replies, "train", check_arrays=True)
-        arrays, metrics = super().aggregate_train(server_round, kept)
+        kept = self.screen(server_round, replies, "train", check_arrays=not self.secure_aggregation)
         note = None
-        if self.privacy is not None and kept:  # Flower's metrics; the weights: clipped mean + noise
+        if self.secure_aggregation:
+            arrays, metrics, note = self._secure_train(server_round, kept)
+        else:
+            arrays, metrics = super().aggregate_train(server_round, kept)
+        if (
+            self.privacy is not None and kept and not self.secure_aggregation
+        ):  # Flower's metrics; the weights: clipped mean + noise
             updates = [from_record(next(iter(m.content.array_records.values()))) for m in kept]
             released, note = self.privacy.release(
                 self.bounds.sent, updates, self.state.rounds, self._absolute(server_round)
@@ -260,14 +362,15 @@ class GuardedStrategy(ReplyChecks):
         config.setdefault("split", "val")
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._bind_registered(grid, messages)
+        if self.secure_aggregation:
+            messages = self._secure(server_round, grid, messages, "evaluate")
         self.state.last_sent = [m.metadata.dst_node_id for m in messages]
         self._sent = messages
         self._tally_sent("evaluate", messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        kept = self.screen(server_round, replies, "evaluate", check_arrays=False)
-        summary = summarise_evaluation(self.state.phase, kept, self.site_of)
+        summary = self.pooled_evaluation(server_round, replies, "evaluate")
         metrics = MetricRecord({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         if self.state.rounds and self.state.rounds[-1]["round"] == self._absolute(server_round):
             self.state.rounds[-1]["evaluate"] = summary
