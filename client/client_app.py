@@ -224,22 +224,31 @@ def handle_query(msg: Message, context: Context, overrides: dict[str, Any]) -> M
     return _reply(msg, context, site, tasks.inventory(site, cfg))
 
 
-def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose run config is pyproject's ``[tool.flwr.app.config]`` plus ``overrides``."""
+def make_client_app(overrides: dict[str, Any] | None = None, site_policy: str | None = None) -> ClientApp:
+    """A ClientApp whose run config is pyproject's ``[tool.flwr.app.config]`` plus ``overrides``.
+
+    ``site_policy``: a policy file every site without its own node config ``policy-file`` uses
+    (a simulation's sites; a deployed site names its own in its node config).
+    """
     overrides = dict(overrides or {})
     app = ClientApp()
 
+    def guarded(step: str, handler: Callable[..., Message], msg: Message, context: Context) -> Message:
+        if site_policy and not context.node_config.get("policy-file"):
+            context.node_config["policy-file"] = site_policy
+        return _guarded(step, handler, msg, context, overrides)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _guarded("training", handle_train, msg, context, overrides)
+        return guarded("training", handle_train, msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _guarded("evaluation", handle_evaluate, msg, context, overrides)
+        return guarded("evaluation", handle_evaluate, msg, context)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return _guarded("inventory", handle_query, msg, context, overrides)
+        return guarded("inventory", handle_query, msg, context)
 
     return app
 

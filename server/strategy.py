@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import (
 from common.config import STRATEGIES, RunConfig
 from common.records import from_record, to_record
 from common.secagg import (
+    SecAggError,
     decode_counts,
     decode_update,
     evaluation_length,
@@ -257,7 +258,12 @@ class GuardedStrategy(ReplyChecks):
                 self.state.account.tally(key, self.state.sites.get(node, f"node-{node}"), msg)
 
             nodes = [m.metadata.dst_node_id for m in messages]
-            self.session = SecureSession(grid, self.timeout, failed, labels, tally=tally).open(nodes)
+            try:
+                self.session = SecureSession(grid, self.timeout, failed, labels, tally=tally).open(nodes)
+            except SecAggError as exc:  # too few sites to start: nothing is sent, the step has no replies
+                self.session = None
+                self._fail(server_round, label, "secure-aggregation", str(exc), action="refused")
+                return []
         return self.session.attach(messages, label, relay=fresh, extra=extra)
 
     def _max_examples(self) -> int:
@@ -286,7 +292,11 @@ class GuardedStrategy(ReplyChecks):
         the round's metrics, and its DP note (None without DP)."""
         sent = self.bounds.sent
         masked = self._masked_vectors(server_round, "train", kept, update_layout(sent))
-        total = self.session.reveal("train", masked)
+        try:
+            total = self.session.reveal("train", masked)
+        except SecAggError as exc:  # the round reveals nothing; the global weights stay as they were
+            self._fail(server_round, "train", "secure-aggregation", str(exc), action="refused")
+            return to_record(sent), MetricRecord({"num-examples": 0.0}), None
         weight, loss, sums = training_sums(decode_update(total, len(masked), self.secagg_clip_range), sent)
         examples = sum(float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in kept)
         metrics = MetricRecord({"num-examples": examples, **({"loss": loss / weight} if weight > 0 else {})})
@@ -309,7 +319,18 @@ class GuardedStrategy(ReplyChecks):
             return summarise_evaluation(self.state.phase, kept, self.site_of)
         length = evaluation_length(self.state.phase, self.histogram_bins)
         masked = self._masked_vectors(server_round, step, kept, length)
-        total = self.session.reveal("evaluate", masked)
+        try:
+            total = self.session.reveal("evaluate", masked)
+        except SecAggError as exc:  # nothing is learned: said as such in the summary
+            self._fail(server_round, step, "secure-aggregation", str(exc), action="refused")
+            refused = {"sites": [], "refused": str(exc)}
+            return {
+                "num-examples": 0.0,
+                "sites": {},
+                "macro-auroc": float("nan"),
+                "n-hips": 0.0,
+                "secure-aggregation": refused,
+            }
         sums = evaluation_sums(self.state.phase, decode_counts(total), self.histogram_bins)
         sites = sorted(self.state.sites.get(node, f"node-{node}") for node in masked)
         return summarise_sums(self.state.phase, sums, sites)

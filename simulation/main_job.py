@@ -102,11 +102,14 @@ def _rounds_bar(cfg: RunConfig) -> Iterator[None]:
             watcher.join()
 
 
-def run_federated(cfg: RunConfig, n_sites: int, ray_address: str | None = None) -> dict:
+def run_federated(
+    cfg: RunConfig, n_sites: int, ray_address: str | None = None, site_policy: str | Path | None = None
+) -> dict:
     """Both phases in Flower's simulation runtime; returns the server's results.json content.
 
     ``ray_address`` joins an existing Ray cluster (``ray start --head`` on one machine, ``ray
-    start --address`` on the others) instead of starting Ray on this machine.
+    start --address`` on the others) instead of starting Ray on this machine. ``site_policy``: the
+    policy file of every simulated site (client/policy.py; default: the built-in policy).
     """
     from flwr.simulation import run_simulation
 
@@ -117,7 +120,7 @@ def run_federated(cfg: RunConfig, n_sites: int, ray_address: str | None = None) 
     with _quiet_third_party(), _rounds_bar(cfg):
         run_simulation(
             server_app=make_server_app(overrides),
-            client_app=make_client_app(overrides),
+            client_app=make_client_app(overrides, str(site_policy) if site_policy else None),
             num_supernodes=n_sites,
             backend_config=backend_config(n_sites, ray_address),
         )
