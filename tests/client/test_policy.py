@@ -249,3 +249,19 @@ def test_release_bounds_coarsen_and_withhold(tmp_path: Path) -> None:
     assert policy.check(RunConfig(histogram_bins=100_000)) == []
     assert [policy.release.bins(b) for b in (2, 8, 9, 1000)] == [2, 8, 8, 8]
     assert [policy.release.withholds(n) for n in (0, 3, 4, 40)] == [True, True, False, False]
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_request(tmp_path: Path) -> None:
+    """The server cannot switch masking off for a site that requires it: the plain request is
+    refused before any data are read, naming the policy file by its name only."""
+    policy = write_policy(tmp_path, "[limits]\nrequire-secure-aggregation = true\n")
+    assert SitePolicy.load(policy).require_secure_aggregation
+    with pytest.raises(SiteError) as caught:
+        make_client_app({"secure-aggregation": False})(_train_message(), _context(tmp_path, policy))
+    assert str(caught.value) == (
+        f"site north: refuses training without secure aggregation (require-secure-aggregation in "
+        f"{policy.name}); run with secure-aggregation = true"
+    )
+    bad = write_policy(tmp_path, "[limits]\nrequire-secure-aggregation = 1\n", name="bad.toml")
+    with pytest.raises(PolicyError, match="must be true or false"):
+        SitePolicy.load(bad)
