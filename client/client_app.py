@@ -14,7 +14,7 @@ from client import ledger, secagg, tasks
 from client.policy import Deadline, PolicyError, PolicyRefusal, ReleaseBounds, SitePolicy
 from common.config import RunConfig, SiteConfig
 from common.records import from_record, to_record
-from common.secagg import encode_counts, evaluation_vector, training_vector
+from common.secagg import SecAggError, encode_counts, evaluation_vector, training_vector
 from common.updates import clip_update, update_of
 
 log = logging.getLogger("onfh.client")
@@ -40,6 +40,11 @@ def _guarded(
     except PolicyRefusal as exc:
         log.error("%s (%s)", exc, step)
         reason = str(exc)
+    except SecAggError as exc:  # its text names only the protocol rule the request broke
+        site = _site(context, overrides)
+        name = site.site_name if site else "unknown-site"
+        log.error("site %s: %s (%s refused)", name, exc, step)
+        reason = f"site {name}: refuses {step}: {exc}"
     except PolicyError as exc:
         site = _site(context, overrides)
         name = site.site_name if site else "unknown-site"
@@ -248,7 +253,8 @@ def make_client_app(overrides: dict[str, Any] | None = None, site_policy: str | 
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return guarded("inventory", handle_query, msg, context)
+        secure = str(msg.content["config"].get("query", "")).startswith("secagg-")
+        return guarded("secure aggregation" if secure else "inventory", handle_query, msg, context)
 
     return app
 

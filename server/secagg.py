@@ -50,8 +50,12 @@ class SecureSession:
     revealed: list[str] = field(default_factory=list)
 
     # -- steps -----------------------------------------------------------------------------
-    def _ask(self, nodes: list[int], step: str, per_node: Callable[[int], dict]) -> dict[int, ConfigRecord]:
-        """Send one query per node; the ``secagg`` records of the sound replies, by node."""
+    def _ask(
+        self, nodes: list[int], step: str, per_node: Callable[[int], dict], tag: str = ""
+    ) -> dict[int, ConfigRecord]:
+        """Send one query per node; the ``secagg`` records of the sound replies, by node. Bytes are
+        tallied under ``secagg-STEP[-TAG]-sent`` / ``-received`` (tag: the label of an unmask step)."""
+        key = f"secagg-{step}" + (f"-{tag}" if tag else "")
         messages = [
             Message(
                 RecordDict({"config": ConfigRecord({"query": f"secagg-{step}", **per_node(node)})}),
@@ -61,7 +65,7 @@ class SecureSession:
             for node in nodes
         ]
         for msg in messages:
-            self.tally(f"secagg-{step}-sent", msg.metadata.dst_node_id, msg)
+            self.tally(f"{key}-sent", msg.metadata.dst_node_id, msg)
         answers = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set when pushed
         replies: dict[int, ConfigRecord] = {}
@@ -69,17 +73,17 @@ class SecureSession:
         for reply in answers:
             node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_content():
-                self.tally(f"secagg-{step}-received", node, reply)
+                self.tally(f"{key}-received", node, reply)
             if reply.has_error():
                 failed.add(node)
-                self.on_failure(node, f"secagg-{step}", reply.error.reason)
+                self.on_failure(node, key, reply.error.reason)
             elif "secagg" not in reply.content.config_records:
                 failed.add(node)
-                self.on_failure(node, f"secagg-{step}", "reply carries no 'secagg' record")
+                self.on_failure(node, key, "reply carries no 'secagg' record")
             else:
                 replies[node] = reply.content.config_records["secagg"]
         for node in sorted(set(nodes) - set(replies) - failed):
-            self.on_failure(node, f"secagg-{step}", "no reply before the round timeout")
+            self.on_failure(node, key, "no reply before the round timeout")
         return replies
 
     def _require(self, count: int, step: str) -> None:
@@ -133,11 +137,10 @@ class SecureSession:
         )
         return self
 
-    def attach(
-        self, messages: list[Message], label: str, relay: bool, extra: dict | None = None
-    ) -> list[Message]:
-        """The messages to the session's sites, each with its own ``secagg`` record (``relay``: with the
-        shares the other sites sent it, on the session's first masked step); others are left out."""
+    def attach(self, messages: list[Message], label: str, extra: dict | None = None) -> list[Message]:
+        """The messages to the session's sites, each with its own ``secagg`` record: the shares the
+        other sites sent it ride on every masked step (a site that failed its training message can
+        still mask its evaluation); others are left out."""
         attached = []
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -145,7 +148,7 @@ class SecureSession:
                 continue
             record = {"session": self.session, "label": label, **(extra or {})}
             sources, ciphertexts = self.relay[node]
-            if relay and sources:
+            if sources:
                 record.update({"from": sources, "ciphertexts": ciphertexts})
             content = RecordDict({key: value for key, value in msg.content.items()})
             content["secagg"] = ConfigRecord(record)
@@ -172,7 +175,7 @@ class SecureSession:
             "active": [self.ids[n] for n in active],
             **({"dropped": [self.ids[n] for n in dropped]} if dropped else {}),
         }
-        replies = self._ask(active, "unmask", lambda node: request)
+        replies = self._ask(active, "unmask", lambda node: request, tag=label)
         self._require(len(replies), f"{label} unmask")
         b_shares: dict[int, list[bytes]] = {}
         sk_shares: dict[int, list[bytes]] = {}

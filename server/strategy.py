@@ -264,7 +264,7 @@ class GuardedStrategy(ReplyChecks):
                 self.session = None
                 self._fail(server_round, label, "secure-aggregation", str(exc), action="refused")
                 return []
-        return self.session.attach(messages, label, relay=fresh, extra=extra)
+        return self.session.attach(messages, label, extra=extra)
 
     def _max_examples(self) -> int:
         """The most examples any site's inventory reports for the phase: each site's weight in the

@@ -1,8 +1,10 @@
 """What leaves a site in a whole run: its egress ledger against what the server received, and a
 scan of every value sent for anything that identifies a patient or a hip.
 
-One tiny simulated run (both phases, the inventory, every evaluation and the final test) with
-two sites: ``site-00`` releases from :data:`LOW_MIN` hips on (its policy file), ``site-01`` has
+Two tiny simulated runs (both phases, the inventory, every evaluation and the final test), one
+under secure aggregation (the default: every update and evaluation leaves masked) and one in the
+clear (``secure-aggregation = false``: the site's release bounds are what protect its hips), each
+with two sites: ``site-00`` releases from :data:`LOW_MIN` hips on (its policy file), ``site-01`` has
 the built-in policy (10 hips: on the tiny federation it withholds every evaluation) and crashes
 in pretraining with an exception text full of identifiers (a path, a name, a UID).
 
@@ -48,8 +50,8 @@ RELEASED = {
 }
 WITHHELD = {"num-examples", "withheld", "min-release-hips"}
 DIGEST = re.compile(
-    r"site (site-\d\d): (\w+ during (training|evaluation|inventory); details are in the site's log"
-    r"|refuses .*|stopped after .*)"
+    r"site (site-\d\d): (\w+ during (training|evaluation|inventory|secure aggregation); details are in the "
+    r"site's log|refuses .*|stopped after .*)"
 )
 
 
@@ -108,10 +110,9 @@ def identifiers(federation: Path) -> set[str]:
     return {f for f in found if f}
 
 
-@pytest.fixture(scope="module")
-def egress_run(tiny_federation, tmp_path_factory):
+def run_with_egress_app(tiny_federation, tmp_path_factory, secure: bool):
     out = tmp_path_factory.mktemp("egress")
-    cfg = tiny_config(tiny_federation, out, run_name="egress")
+    cfg = tiny_config(tiny_federation, out, run_name="egress", secure_aggregation=secure)
     policy = out / "site-00-policy.toml"
     policy.write_text(f"[limits]\nmin-release-hips = {LOW_MIN}\nmax-release-bins = {BINS}\n")
     truth = json.loads((tiny_federation / f"{CRASHING}.truth.json").read_text())[0]
@@ -129,6 +130,19 @@ def egress_run(tiny_federation, tmp_path_factory):
     paths = {s: ledger.default_ledger_path(Path(cfg.cache_dir) / s, s) for s in SITES}
     policies = {"site-00": SitePolicy.load(policy).release, "site-01": SitePolicy().release}
     return cfg, results, paths, policies, crash_text
+
+
+@pytest.fixture(scope="module")
+def egress_run(tiny_federation, tmp_path_factory):
+    """The run in the clear."""
+    return run_with_egress_app(tiny_federation, tmp_path_factory, secure=False)
+
+
+@pytest.fixture(scope="module")
+def secure_egress_run(tiny_federation, tmp_path_factory):
+    """The run under secure aggregation (two sites: the threshold is both, so the pretraining
+    round in which site-01 crashes reveals nothing and keeps the global weights)."""
+    return run_with_egress_app(tiny_federation, tmp_path_factory, secure=True)
 
 
 def sent_by_server_record(results: dict, site: str) -> list[tuple]:
@@ -270,3 +284,67 @@ def test_nothing_a_site_sent_identifies_a_hip(egress_run, tiny_federation) -> No
     assert run.histogram_bins > BINS  # the run asked for finer histograms than site-00 released
     assert kinds_seen == {"query", "train", "evaluate", "error"}
     assert released_seen >= 1 and withheld_seen >= 3
+
+
+# -- under secure aggregation ----------------------------------------------------------------------
+SECAGG_KEYS = {  # the config keys of the keys, shares and unmask replies (client/secagg.py)
+    "c-pk", "s-pk-train", "s-pk-evaluate", "to", "ciphertexts", "b-ids", "b-shares", "sk-ids", "sk-shares",
+}  # fmt: skip
+BYTES = re.compile(r"<\d+ bytes>")
+
+
+def received_by_server(results: dict, site: str) -> int:
+    """Messages with content the server recorded from ``site`` in the rounds (every step's byte
+    tally: one message per site and key), its inventory, and its error replies."""
+    count = 1 if site in results["history"]["inventory"] else 0
+    for phase in ("pretrain", "stage"):
+        for entry in results["history"][phase]:
+            count += sum(
+                1 for key, by_site in entry["bytes"].items() if key.endswith("-received") and site in by_site
+            )
+    errors = [
+        f for f in results["failures"] if f["site"] == site and f["reason"].startswith("error at the site")
+    ]
+    return count + len(errors)
+
+
+@pytest.mark.slow
+def test_secure_ledger_counts_every_message_and_everything_else_is_masked(
+    secure_egress_run, tiny_federation
+) -> None:
+    cfg, results, paths, _, crash_text = secure_egress_run
+    assert cfg.secure_aggregation and results["test"]["secure-aggregation"]["sites"] == list(SITES)
+    refused = [f for f in results["failures"] if f["site"] == "secure-aggregation"]
+    assert [(f["phase"], f["step"]) for f in refused] == [("pretrain", "train")]  # site-01 crashed there
+    secrets = identifiers(tiny_federation) | {crash_text, str(tiny_federation)}
+    masked_seen = 0
+    for site, path in paths.items():
+        entries = ledger.read(path)
+        # The final test is a session of its own (keys, shares, evaluation, unmask), outside the rounds.
+        assert len(entries) == received_by_server(results, site) + 4, site
+        summary = audit.summarise(entries)
+        assert summary["messages"] == len(entries) and summary["masked"] == sum(e["masked"] for e in entries)
+        for entry in entries:
+            for text in string_values(entry):
+                assert not any(s.lower() in text.lower() for s in secrets if len(s) > 3), text
+            if entry["kind"] == "error":
+                assert DIGEST.fullmatch(entry["error"]).group(1) == site
+            elif entry["kind"] in ("train", "evaluate"):
+                # Weights and evaluations leave only as one masked uint32 vector each.
+                assert entry["masked"] is True
+                assert [(a["name"], a["dtype"]) for a in entry["arrays"]] == [("masked", "uint32")]
+                allowed = {"num-examples", "train-seconds"} if entry["kind"] == "train" else {"num-examples"}
+                assert set(entry["metrics"]) <= allowed
+                masked_seen += 1
+            elif entry["phase"].startswith("secagg-"):
+                assert entry["masked"] is False and entry["metrics"] == {} and entry["arrays"] == []
+                assert set(entry["config"]) <= SECAGG_KEYS | {"site-name"}
+                for key, value in entry["config"].items():
+                    values = value if isinstance(value, list) else [value]
+                    if key.endswith("-ids") or key == "to":
+                        assert all(isinstance(v, int) for v in values), key
+                    elif key != "site-name":
+                        assert all(BYTES.fullmatch(v) for v in values), key
+            else:
+                assert set(entry["metrics"]) == RELEASED["query"]  # the inventory
+    assert masked_seen == 2 * (2 + 2 + 1) - 1  # 2 sites x (train, evaluate) x 2 rounds + the test, less the crash

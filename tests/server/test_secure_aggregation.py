@@ -42,7 +42,7 @@ class InProcessSession(SecureSession):
         super().__init__(None, 1.0, lambda node, step, why: self.failures.append((node, step, why)), labels)
         self.states, self.silent = states, silent or {}
 
-    def _ask(self, nodes, step, per_node):
+    def _ask(self, nodes, step, per_node, tag=""):
         replies = {}
         for node in nodes:
             self.asked.append((node, step))

@@ -64,7 +64,12 @@ def test_the_pooled_evaluation_comes_from_the_masked_sums(runs):
     assert test["n-hips"] == plain["test"]["n-hips"] > 0
     for entry in secure["history"]["stage"]:
         assert entry["evaluate"]["n-hips"] > 0
-        assert set(entry["bytes"]) >= {"secagg-keys-sent", "secagg-shares-received", "secagg-unmask-received"}
+        assert set(entry["bytes"]) >= {
+            "secagg-keys-sent",
+            "secagg-shares-received",
+            "secagg-unmask-train-received",
+            "secagg-unmask-evaluate-received",
+        }
 
 
 def test_every_vector_the_server_observed_is_masked_noise(runs):
