@@ -12,7 +12,7 @@ counts) and aggregated three ways, each timed (median of repeats):
 - ``numpy``: a plain example-weighted mean of the same numpy arrays (accumulated in place);
 - ``Flower FedAvg``: ``flwr.serverapp.strategy.FedAvg.aggregate_train`` (deserializes each array,
   weighted sum, serializes the result);
-- ``ours``: the server's strategy (``server.strategy.build_strategy``: validation of every reply,
+- ``ours``: the server's strategy (``server.strategies.build_strategy``: validation of every reply,
   float32 re-record, byte accounting, then FedAvg).
 
 Needs no federation (about 40 s). Prints the table and the headline last, and writes JSON (default
@@ -67,7 +67,8 @@ def aggregation_case(preset: str, network: str, n_sites: int, repeats: int, seed
     from common.config import RunConfig
     from common.models.factory import build_staging, build_translation, count_parameters
     from common.training.weights import get_shared_state
-    from server.strategy import PhaseState, build_strategy
+    from server.strategies import build_strategy
+    from server.strategy import PhaseState
 
     cfg = RunConfig(model_preset=preset)
     net = build_translation(cfg.model) if network == "translation" else build_staging(cfg.model)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.dp_settings import check_dp_settings
+from common.privacy_settings import check_privacy_settings
 
 # Only T1 TSE coronal and T2 Dixon water coronal are named in the paper; the other three are ours.
 DEFAULT_PROTOCOLS: tuple[str, ...] = ("T1_COR", "T2W_COR", "T1_AX", "T2W_AX", "PDFS_SAG")
@@ -179,10 +179,6 @@ STRATEGIES = (
 )
 
 
-# Strategies whose aggregate is a weighted sum of the updates: the only ones secure aggregation serves.
-SECURE_STRATEGIES = ("fedavg", "fedprox")
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """Every setting of a federated run. Field ``hip_slices`` is run-config key ``hip-slices``."""
@@ -223,8 +219,7 @@ class RunConfig:
     dp_clip_norm: float = 2.0  # L2 bound of each site's update; docs/federation.md "Differential privacy"
     dp_delta: float = 1e-5
     dp_phases: str = "both"  # "both", "pretrain" or "stage"
-    # SecAgg+ (common/secagg.py): the server learns only sums of the sites' updates and evaluations.
-    secure_aggregation: bool = True
+    secure_aggregation: bool = True  # SecAgg+ (docs/privacy.md): the server learns only sums over sites
     secagg_clip_range: float = 4.0  # update values (weights minus those sent) beyond +- this are clipped
     min_sites: int = 1
     round_timeout_s: float = 3600.0
@@ -264,12 +259,10 @@ class RunConfig:
             bad("tracking", self.tracking, "use 'none' or 'tensorboard' (pip install -e '.[tracking]')")
         if self.update_dtype not in ("float32", "float16"):
             bad("update-dtype", self.update_dtype, "use 'float32' or 'float16'")
-        for key in ("pretrain_rounds", "stage_rounds"):
-            if getattr(self, key) < 0:
-                bad(key.replace("_", "-"), getattr(self, key), "use a number >= 0")
-        for key in ("pretrain_epochs", "stage_epochs", "batch_size", "min_sites", "histogram_bins"):
-            if getattr(self, key) < 1:
-                bad(key.replace("_", "-"), getattr(self, key), "use a number >= 1")
+        counts = ("pretrain_epochs", "stage_epochs", "batch_size", "min_sites", "histogram_bins")
+        for key, low in {"pretrain_rounds": 0, "stage_rounds": 0, **dict.fromkeys(counts, 1)}.items():
+            if getattr(self, key) < low:
+                bad(key.replace("_", "-"), getattr(self, key), f"use a number >= {low}")
         if not 0.0 <= self.trimmed_beta < 0.5:
             bad("trimmed-beta", self.trimmed_beta, "use a value in [0, 0.5)")
         if self.num_malicious_sites < 0:
@@ -277,16 +270,7 @@ class RunConfig:
         if self.update_norm_factor != 0 and not self.update_norm_factor >= 1.0:
             bad("update-norm-factor", self.update_norm_factor, "use a factor >= 1, or 0 for no bound")
         ModelConfig(preset=self.model_preset, fusion=self.fusion, norm=self.norm)  # validates
-        check_dp_settings(self)
-        if self.secure_aggregation and self.strategy not in SECURE_STRATEGIES:
-            bad(
-                "secure-aggregation",
-                True,
-                f"the server sees only the sum of the updates, which strategy '{self.strategy}' cannot use; "
-                f"use strategy {' or '.join(repr(s) for s in SECURE_STRATEGIES)}, or secure-aggregation = false",
-            )
-        if not self.secagg_clip_range > 0:
-            bad("secagg-clip-range", self.secagg_clip_range, "use a positive bound, e.g. 4.0")
+        check_privacy_settings(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:

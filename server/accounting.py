@@ -23,6 +23,7 @@ names, byte counts and times only, never patient data:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,3 +196,10 @@ def summarise_sums(phase: str, sums: dict, sites: list[str]) -> dict:
     else:
         summary.update({k: v for k, v in sums.items() if k != "num-examples"})
     return summary
+
+
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The useful line of an error reply (Flower/Ray wrap a site's error in tracebacks)."""
+    found = re.search(r"site [\w.-]+: [^\n'\\]+", reason)
+    text = found.group(0) if found else reason.strip().splitlines()[-1] if reason.strip() else "unknown error"
+    return text[:limit]

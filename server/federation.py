@@ -35,7 +35,8 @@ from server.checkpoint import (
 )
 from server.privacy import PHASES, SiteLevelDP, noised_rounds, privacy_report
 from server.results import RunRecorder
-from server.strategy import PhaseState, build_strategy
+from server.strategies import build_strategy
+from server.strategy import PhaseState
 
 log = logging.getLogger("onfh.server")
 

@@ -16,7 +16,6 @@ differential privacy (:mod:`server.privacy`) the screened updates are clipped, a
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,36 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    Bulyan,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    MultiKrum,
-)
 
-from common.config import STRATEGIES, RunConfig
+from common.config import RunConfig
 from common.records import from_record, to_record
-from common.secagg import (
-    SecAggError,
-    decode_counts,
-    decode_update,
-    evaluation_length,
-    evaluation_sums,
-    training_sums,
-    update_layout,
-)
-from server.accounting import RoundAccount, RoundClock, summarise_evaluation, summarise_sums
+from server.accounting import RoundAccount, RoundClock, short_reason
 from server.bounds import ReplyBounds, ReplyChecks, update_norm
 from server.privacy import SiteLevelDP
-from server.robust import BulyanRule, KrumRule, MultiKrumRule, TrimmedRule
-from server.secagg import SecureSession
+from server.secure_rounds import SecureRounds
 from server.validation import update_problem
 
 log = logging.getLogger("onfh.server")
@@ -76,14 +52,7 @@ class PhaseState:
     account: RoundAccount = field(default_factory=RoundAccount)  # the round in progress
 
 
-def short_reason(reason: str, limit: int = 300) -> str:
-    """The useful line of an error reply (Flower/Ray wrap a site's error in tracebacks)."""
-    found = re.search(r"site [\w.-]+: [^\n'\\]+", reason)
-    text = found.group(0) if found else reason.strip().splitlines()[-1] if reason.strip() else "unknown error"
-    return text[:limit]
-
-
-class GuardedStrategy(ReplyChecks):
+class GuardedStrategy(SecureRounds, ReplyChecks):
     """Mixin placed before a Flower strategy class: validates replies and accounts for each round.
 
     Args:
@@ -113,7 +82,7 @@ class GuardedStrategy(ReplyChecks):
         self.secagg_clip_range = cfg.secagg_clip_range
         self.histogram_bins = cfg.histogram_bins
         self.timeout = cfg.round_timeout_s
-        self.session: SecureSession | None = None
+        self.session = None  # the round's secure-aggregation session (server/secure_rounds.py)
         self._unbound_flagged: set[int] = set()
         self._sent: list[Message] = []  # this step's messages; their ids are set when Flower pushes them
         self.on_round_end = on_round_end or (lambda *_: None)
@@ -237,104 +206,6 @@ class GuardedStrategy(ReplyChecks):
             )
         return kept
 
-    # -- secure aggregation ------------------------------------------------------------------
-    def _secure(
-        self, server_round: int, grid: Grid, messages: list[Message], label: str, extra: dict | None = None
-    ) -> list[Message]:
-        """``messages`` for the sites of this round's session, each with its own ``secagg`` record.
-
-        The round's session (labels ``train`` and ``evaluate``) opens with the training messages; an
-        evaluation outside a round (the final test) opens its own.
-        """
-        fresh = label == "train" or self.session is None or "evaluate" in self.session.revealed
-        if fresh:
-            labels = ["train", "evaluate"] if label == "train" else ["evaluate"]
-
-            def failed(node: int, step: str, reason: str) -> None:
-                site = self.state.sites.get(node, f"node-{node}")
-                self._fail(server_round, step, site, f"error at the site: {short_reason(reason)}")
-
-            def tally(key: str, node: int, msg: Message) -> None:
-                self.state.account.tally(key, self.state.sites.get(node, f"node-{node}"), msg)
-
-            nodes = [m.metadata.dst_node_id for m in messages]
-            try:
-                self.session = SecureSession(grid, self.timeout, failed, labels, tally=tally).open(nodes)
-            except SecAggError as exc:  # too few sites to start: nothing is sent, the step has no replies
-                self.session = None
-                self._fail(server_round, label, "secure-aggregation", str(exc), action="refused")
-                return []
-        return self.session.attach(messages, label, extra=extra)
-
-    def _max_examples(self) -> int:
-        """The most examples any site's inventory reports for the phase: each site's weight in the
-        masked mean is its share of this (1 where no inventory was given)."""
-        caps = self.bounds.caps or {}
-        return int(max(caps.values(), default=1))
-
-    def _masked_vectors(self, server_round: int, step: str, kept: list[Message], length: int) -> dict:
-        masked = {}
-        for msg in kept:
-            record = next(iter(msg.content.array_records.values()), None)
-            vector = from_record(record).get("masked") if record is not None else None
-            if vector is None or vector.dtype != np.uint32 or vector.shape != (length,):
-                self._fail(
-                    server_round, step, self.site_of(msg), f"reply is not a masked vector of {length} uint32"
-                )
-                continue
-            masked[self.node_of(msg)] = vector
-        return masked
-
-    def _secure_train(
-        self, server_round: int, kept: list[Message]
-    ) -> tuple[ArrayRecord, MetricRecord, dict | None]:
-        """The new global weights from the sum of the masked updates (FedAvg: example-weighted mean),
-        the round's metrics, and its DP note (None without DP)."""
-        sent = self.bounds.sent
-        masked = self._masked_vectors(server_round, "train", kept, update_layout(sent))
-        try:
-            total = self.session.reveal("train", masked)
-        except SecAggError as exc:  # the round reveals nothing; the global weights stay as they were
-            self._fail(server_round, "train", "secure-aggregation", str(exc), action="refused")
-            return to_record(sent), MetricRecord({"num-examples": 0.0}), None
-        weight, loss, sums = training_sums(decode_update(total, len(masked), self.secagg_clip_range), sent)
-        examples = sum(float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in kept)
-        metrics = MetricRecord({"num-examples": examples, **({"loss": loss / weight} if weight > 0 else {})})
-        note = None
-        if weight <= 0:
-            arrays = dict(sent)
-        elif self.privacy is not None:  # the sites clipped; the weights are 1 per site with data
-            arrays, note = self.privacy.noise_sum(
-                sent, sums, int(round(weight)), None, self.state.rounds, self._absolute(server_round)
-            )
-        else:
-            arrays = {k: (v.astype(np.float64) + sums[k] / weight).astype(v.dtype) for k, v in sent.items()}
-        return to_record(arrays), metrics, note
-
-    def pooled_evaluation(self, server_round: int, replies: Iterable[Message], step: str) -> dict:
-        """The evaluation summary of one step's replies: from the masked sum under secure aggregation,
-        else pooled from the sites' own releases (:func:`server.accounting.summarise_evaluation`)."""
-        kept = self.screen(server_round, replies, step, check_arrays=False)
-        if not self.secure_aggregation:
-            return summarise_evaluation(self.state.phase, kept, self.site_of)
-        length = evaluation_length(self.state.phase, self.histogram_bins)
-        masked = self._masked_vectors(server_round, step, kept, length)
-        try:
-            total = self.session.reveal("evaluate", masked)
-        except SecAggError as exc:  # nothing is learned: said as such in the summary
-            self._fail(server_round, step, "secure-aggregation", str(exc), action="refused")
-            refused = {"sites": [], "refused": str(exc)}
-            return {
-                "num-examples": 0.0,
-                "sites": {},
-                "macro-auroc": float("nan"),
-                "n-hips": 0.0,
-                "secure-aggregation": refused,
-            }
-        sums = evaluation_sums(self.state.phase, decode_counts(total), self.histogram_bins)
-        sites = sorted(self.state.sites.get(node, f"node-{node}") for node in masked)
-        return summarise_sums(self.state.phase, sums, sites)
-
     # -- Flower hooks ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         account = self.state.account = RoundAccount(RoundClock.for_training())
@@ -401,123 +272,3 @@ class GuardedStrategy(ReplyChecks):
             # Measured after the metrics line is written: it reaches results.json only.
             self.state.account.seconds["on-round-end"] = time.perf_counter() - done
         return metrics
-
-
-class GuardedFedAvg(GuardedStrategy, FedAvg):
-    """FedAvg: the example-weighted mean of the sites' weights."""
-
-
-class GuardedFedProx(GuardedStrategy, FedProx):
-    """FedProx: FedAvg on the server; the sites add ``proximal-mu`` times the proximal term."""
-
-    def __init__(
-        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
-    ):
-        super().__init__(state, cfg, reference, on_round_end, proximal_mu=cfg.proximal_mu)
-
-
-class _ServerOptimiser(GuardedStrategy):
-    """FedAdam, FedYogi, FedAdagrad: the server steps with learning rate ``server-lr``."""
-
-    def __init__(
-        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
-    ):
-        super().__init__(state, cfg, reference, on_round_end, eta=cfg.server_lr, eta_l=cfg.stage_lr)
-
-
-class GuardedFedAdam(_ServerOptimiser, FedAdam):
-    """FedAdam: Adam on the server over the mean update."""
-
-
-class GuardedFedYogi(_ServerOptimiser, FedYogi):
-    """FedYogi: Yogi on the server over the mean update."""
-
-
-class GuardedFedAdagrad(_ServerOptimiser, FedAdagrad):
-    """FedAdagrad: Adagrad on the server over the mean update."""
-
-
-class GuardedFedAvgM(GuardedStrategy, FedAvgM):
-    """FedAvgM: FedAvg with server momentum 0.9."""
-
-    def __init__(
-        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
-    ):
-        super().__init__(state, cfg, reference, on_round_end, server_learning_rate=1.0, server_momentum=0.9)
-
-
-class GuardedFedMedian(GuardedStrategy, FedMedian):
-    """FedMedian: the coordinate-wise median of the sites' weights."""
-
-
-class GuardedFedTrimmedAvg(GuardedStrategy, TrimmedRule, FedTrimmedAvg):
-    """FedTrimmedAvg: the coordinate-wise mean without the ``trimmed-beta`` tails (at least one reply each)."""
-
-    def __init__(
-        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
-    ):
-        super().__init__(state, cfg, reference, on_round_end, beta=cfg.trimmed_beta)
-
-
-class _KrumFamily(GuardedStrategy):
-    """Krum, Multi-Krum, Bulyan: built to withstand ``num-malicious-sites`` malicious sites."""
-
-    def __init__(
-        self, state: PhaseState, cfg: RunConfig, reference: dict, on_round_end: RoundEnd | None = None
-    ):
-        super().__init__(state, cfg, reference, on_round_end, num_malicious_nodes=cfg.num_malicious_sites)
-
-
-class GuardedKrum(_KrumFamily, KrumRule, Krum):
-    """Krum: the one reply closest to its ``n - f - 2`` nearest neighbours."""
-
-
-class GuardedMultiKrum(_KrumFamily, MultiKrumRule, MultiKrum):
-    """Multi-Krum: the example-weighted mean of the ``n - f`` replies Krum scores best."""
-
-
-class GuardedBulyan(_KrumFamily, BulyanRule, Bulyan):
-    """Bulyan: Multi-Krum picks ``n - 2f`` replies, then a coordinate-wise trimmed mean around their median."""
-
-
-# Run-config strategy name -> class, in the order of common.config.STRATEGIES (where names are listed).
-_BY_NAME: dict[str, type[GuardedStrategy]] = {
-    "fedavg": GuardedFedAvg,
-    "fedprox": GuardedFedProx,
-    "fedadam": GuardedFedAdam,
-    "fedyogi": GuardedFedYogi,
-    "fedadagrad": GuardedFedAdagrad,
-    "fedavgm": GuardedFedAvgM,
-    "fedmedian": GuardedFedMedian,
-    "fedtrimmedavg": GuardedFedTrimmedAvg,
-    "krum": GuardedKrum,
-    "multikrum": GuardedMultiKrum,
-    "bulyan": GuardedBulyan,
-}
-if set(_BY_NAME) != set(STRATEGIES):  # not an assert: it must hold under python -O too
-    raise ImportError(
-        f"server/strategy.py offers {sorted(_BY_NAME)} but common.config.STRATEGIES lists {sorted(STRATEGIES)}: "
-        "add or remove the Guarded class so that both agree"
-    )
-GUARDED: dict[str, type[GuardedStrategy]] = {name: _BY_NAME[name] for name in STRATEGIES}
-
-
-def build_strategy(
-    cfg: RunConfig,
-    state: PhaseState,
-    reference: dict[str, np.ndarray],
-    on_round_end: RoundEnd | None = None,
-    inventory: dict[str, dict] | None = None,
-    privacy: SiteLevelDP | None = None,
-) -> GuardedStrategy:
-    """The guarded Flower strategy named by run-config ``strategy`` (see :class:`GuardedStrategy`).
-
-    ``inventory`` (site name -> counts from the inventory query) caps each training reply's
-    ``num-examples``; without it nothing is clipped (a strategy built outside a run). ``privacy``: DP.
-    """
-    strategy = GUARDED[cfg.strategy](state, cfg, reference, on_round_end)
-    strategy.bounds = ReplyBounds.for_phase(state.phase, cfg, inventory)
-    if privacy is not None:
-        strategy.privacy = privacy
-        strategy.bounds.norm_factor = 0.0  # the clip bounds updates; a median would couple sites (privacy.py)
-    return strategy

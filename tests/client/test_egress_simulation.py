@@ -347,4 +347,6 @@ def test_secure_ledger_counts_every_message_and_everything_else_is_masked(
                         assert all(BYTES.fullmatch(v) for v in values), key
             else:
                 assert set(entry["metrics"]) == RELEASED["query"]  # the inventory
-    assert masked_seen == 2 * (2 + 2 + 1) - 1  # 2 sites x (train, evaluate) x 2 rounds + the test, less the crash
+    assert (
+        masked_seen == 2 * (2 + 2 + 1) - 1
+    )  # 2 sites x (train, evaluate) x 2 rounds + the test, less the crash

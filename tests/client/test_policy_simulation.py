@@ -46,7 +46,10 @@ def client_app_with_policies(overrides: dict, policies: dict[int, Path]) -> Clie
 
 @pytest.mark.slow
 def test_run_finishes_without_the_refusing_site(tiny_federation, tmp_path):
-    cfg = tiny_config(tiny_federation, tmp_path, run_name="policy")  # batch-size 4, hip-size 32
+    # In the clear: with two sites, secure aggregation's threshold is both.
+    cfg = tiny_config(
+        tiny_federation, tmp_path, run_name="policy", secure_aggregation=False
+    )  # batch 4, hip 32
     policy = tmp_path / "site-01-policy.toml"
     policy.write_text("[limits]\nmin-batch-size = 8\nmax-hip-size = 16\n")
     overrides = cfg.to_dict()

@@ -19,7 +19,8 @@ from flwr.app import ConfigRecord
 from common.config import RunConfig
 from common.records import to_record
 from server.privacy import SiteLevelDP, clip_update, epsilon, l2_norm, noise_std, privacy_report
-from server.strategy import PhaseState, build_strategy
+from server.strategies import build_strategy
+from server.strategy import PhaseState
 from tests.server.test_robust_rules import NodeGrid, direction, reference, reply, sites
 from tests.server.test_strategy_accounting import server_identity  # noqa: F401  (autouse: Flower's run identity)
 
@@ -115,7 +116,7 @@ def test_valid_dp_settings_pass():
 
 def test_the_strategy_aggregates_clipped_updates_and_notes_epsilon_per_round():
     """Four sites, one sending ``-10 d``: under DP it is clipped (not excluded), the rest averaged."""
-    cfg = RunConfig(update_norm_factor=5.0, dp_clip_norm=1.0, **DP_ON)
+    cfg = RunConfig(update_norm_factor=5.0, dp_clip_norm=1.0, secure_aggregation=False, **DP_ON)
     named, ref, d = sites(4), reference(), direction()
     state = PhaseState("stage", sites=dict(named))
     privacy = SiteLevelDP("stage", 1e-9, 1.0, 1e-5, prior_releases=2, rng=np.random.default_rng(0))

@@ -17,7 +17,8 @@ from common.config import RunConfig
 from common.records import to_record
 from server.bounds import ReplyBounds, example_cap, norm_outliers
 from server.results import RunRecorder
-from server.strategy import PhaseState, build_strategy
+from server.strategies import build_strategy
+from server.strategy import PhaseState
 from tests.server.test_robust_rules import (  # noqa: F401  (server_identity: an autouse fixture)
     NodeGrid,
     direction,
@@ -47,7 +48,7 @@ def train_round(strategy, state, nodes, updates, claims, names=None, server_roun
 
 
 def test_caps_come_from_the_inventory_of_each_phase():
-    cfg = RunConfig(pretrain_max_pairs=1000)
+    cfg = RunConfig(secure_aggregation=False, pretrain_max_pairs=1000)
     assert example_cap("stage", INVENTORY["site-00"], cfg) == 20  # labelled training hips
     assert example_cap("pretrain", INVENTORY["site-00"], cfg) == 1000  # pairs, as the site caps them
     assert example_cap("pretrain", {"pairs": 12}, cfg) == 12
@@ -61,7 +62,9 @@ def test_caps_come_from_the_inventory_of_each_phase():
 def test_a_site_claiming_ten_thousand_hips_gets_its_inventorys_weight(caplog):
     named = sites(4)
     state = PhaseState("stage", sites=dict(named))
-    strategy = build_strategy(RunConfig(strategy="fedavg"), state, reference(), inventory=INVENTORY)
+    strategy = build_strategy(
+        RunConfig(secure_aggregation=False, strategy="fedavg"), state, reference(), inventory=INVENTORY
+    )
     nodes = sorted(named)
     # Three honest sites move by d with 20 hips each; site-03 moves by 3d and claims 10,000 hips.
     updates = {n: 1.0 for n in nodes} | {nodes[-1]: 3.0}
@@ -83,7 +86,7 @@ def test_a_site_claiming_ten_thousand_hips_gets_its_inventorys_weight(caplog):
 def test_the_site_name_is_the_nodes_from_the_inventory_not_the_messages():
     named = sites(3)
     state = PhaseState("stage", sites=dict(named))
-    strategy = build_strategy(RunConfig(), state, reference(), inventory=INVENTORY)
+    strategy = build_strategy(RunConfig(secure_aggregation=False), state, reference(), inventory=INVENTORY)
     nodes = sorted(named) + [199]  # node 199 joined without answering the inventory
     updates, claims = {n: 1.0 for n in nodes}, {n: 20 for n in nodes} | {199: 500}
     names = {nodes[1]: "site-00", 199: "site-02"}  # site-01 claims site-00's name; 199 claims site-02's
@@ -105,7 +108,7 @@ def test_the_site_name_is_the_nodes_from_the_inventory_not_the_messages():
 
 def test_an_error_from_a_node_without_inventory_keeps_the_neutral_label():
     state = PhaseState("stage", sites={})
-    strategy = build_strategy(RunConfig(), state, reference(), inventory={})
+    strategy = build_strategy(RunConfig(secure_aggregation=False), state, reference(), inventory={})
     messages = list(strategy.configure_train(1, to_record(reference()), ConfigRecord(), NodeGrid([7])))
     failed = Message(Error(code=0, reason="site site-99: RuntimeError during train"), reply_to=messages[0])
     with pytest.raises(RuntimeError, match="fewer than min-sites=1"):
@@ -116,7 +119,7 @@ def test_an_error_from_a_node_without_inventory_keeps_the_neutral_label():
 def test_an_update_a_hundred_times_the_median_is_excluded_and_reported(tmp_path, caplog):
     named = sites(4)
     state = PhaseState("stage", sites=dict(named))
-    strategy = build_strategy(RunConfig(), state, reference(), inventory=INVENTORY)
+    strategy = build_strategy(RunConfig(secure_aggregation=False), state, reference(), inventory=INVENTORY)
     recorder = RunRecorder(tmp_path, {})
     nodes = sorted(named)
     updates = {n: 1.0 for n in nodes} | {nodes[0]: 100.0}
@@ -151,7 +154,7 @@ def test_an_offline_sites_error_written_by_the_superlink_is_its_one_failure():
     # (node 1); it must count as that site's failure, with the real reason, and only once.
     named = sites(2)
     state = PhaseState("stage", sites=dict(named))
-    strategy = build_strategy(RunConfig(), state, reference(), inventory=INVENTORY)
+    strategy = build_strategy(RunConfig(secure_aggregation=False), state, reference(), inventory=INVENTORY)
     nodes = sorted(named)
     messages = list(strategy.configure_train(1, to_record(reference()), ConfigRecord(), NodeGrid(nodes)))
     for i, msg in enumerate(messages):
@@ -176,7 +179,7 @@ def test_a_site_joining_after_the_inventory_is_named_by_its_registration():
 
     named = sites(3)
     state = PhaseState("stage", sites=dict(named))
-    strategy = build_strategy(RunConfig(), state, reference(), inventory=INVENTORY)
+    strategy = build_strategy(RunConfig(secure_aggregation=False), state, reference(), inventory=INVENTORY)
     nodes = sorted(named) + [9]
     messages = list(
         strategy.configure_train(1, to_record(reference()), ConfigRecord(), RegisteredGrid(nodes))
@@ -198,7 +201,7 @@ def test_a_site_excluded_by_the_norm_bound_does_not_end_a_robust_round(rule, cap
     # the round falls back to the median of the honest three instead of failing the run.
     named = sites(4)
     state = PhaseState("stage", sites=dict(named))
-    cfg = RunConfig(strategy=rule, trimmed_beta=0.25, num_malicious_sites=1)
+    cfg = RunConfig(secure_aggregation=False, strategy=rule, trimmed_beta=0.25, num_malicious_sites=1)
     strategy = build_strategy(cfg, state, reference(), inventory=INVENTORY)
     nodes = sorted(named)
     updates = {n: 1.0 for n in nodes} | {nodes[0]: 100.0}

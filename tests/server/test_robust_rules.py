@@ -16,7 +16,8 @@ from flwr.serverapp import Grid
 from common.config import STRATEGIES, RunConfig
 from common.records import to_record
 from server.robust import RobustRuleError
-from server.strategy import GUARDED, PhaseState, build_strategy
+from server.strategies import GUARDED, build_strategy
+from server.strategy import PhaseState
 from tests.server.test_strategy_accounting import server_identity  # noqa: F401  (autouse: Flower's run identity)
 
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
@@ -114,7 +115,9 @@ def test_every_strategy_name_has_its_guarded_class():
     for name in ("fedavg", *ROBUST):
         assert name in STRATEGIES
     for name in STRATEGIES:
-        strategy = build_strategy(RunConfig(strategy=name), PhaseState("stage"), reference())
+        strategy = build_strategy(
+            RunConfig(secure_aggregation=False, strategy=name), PhaseState("stage"), reference()
+        )
         assert strategy.min_sites == 1, name
 
 
@@ -123,8 +126,12 @@ def test_robust_rule_stays_near_the_honest_mean_where_fedavg_does_not(rule):
     n = 7 if rule == "bulyan" else 4
     size = np.sqrt(flat(direction()).size)  # ||d||
     # The norm bound would exclude the poisoned update for every rule: turn it off to test the rule.
-    fedavg, _, honest = poisoned_round(RunConfig(strategy="fedavg", update_norm_factor=0), n)
-    robust, state, honest_again = poisoned_round(RunConfig(strategy=rule, update_norm_factor=0), n)
+    fedavg, _, honest = poisoned_round(
+        RunConfig(secure_aggregation=False, strategy="fedavg", update_norm_factor=0), n
+    )
+    robust, state, honest_again = poisoned_round(
+        RunConfig(secure_aggregation=False, strategy=rule, update_norm_factor=0), n
+    )
     np.testing.assert_allclose(honest, honest_again)
     assert np.linalg.norm(fedavg - honest) > 1.0 * size  # FedAvg is dragged far off
     assert np.linalg.norm(robust - honest) < 0.15 * size, rule  # within the honest sites' noise
@@ -133,11 +140,16 @@ def test_robust_rule_stays_near_the_honest_mean_where_fedavg_does_not(rule):
 
 
 def test_trimmed_beta_default_trims_one_site_of_four_and_too_small_a_beta_is_refused():
-    assert RunConfig().trimmed_beta * 4 >= 1
+    assert RunConfig(secure_aggregation=False).trimmed_beta * 4 >= 1
     with pytest.raises(
         RobustRuleError, match=r"trimmed-beta=0.2 trims int\(0.2 x 4\) = 0.*at least 1/4 = 0.250"
     ):
-        poisoned_round(RunConfig(strategy="fedtrimmedavg", trimmed_beta=0.2, update_norm_factor=0), 4)
+        poisoned_round(
+            RunConfig(
+                secure_aggregation=False, strategy="fedtrimmedavg", trimmed_beta=0.2, update_norm_factor=0
+            ),
+            4,
+        )
 
 
 @pytest.mark.parametrize(
@@ -159,13 +171,15 @@ def test_trimmed_beta_default_trims_one_site_of_four_and_too_small_a_beta_is_ref
     ],
 )
 def test_a_rule_that_cannot_work_for_the_replies_fails_the_round_naming_n_f_and_the_fix(rule, n, f, message):
-    cfg = RunConfig(strategy=rule, num_malicious_sites=f, update_norm_factor=0)
+    cfg = RunConfig(secure_aggregation=False, strategy=rule, num_malicious_sites=f, update_norm_factor=0)
     with pytest.raises(RobustRuleError, match=f"phase stage round 1: {message}"):
         poisoned_round(cfg, n)
 
 
 def test_multikrum_averages_the_n_minus_f_best_replies():
-    cfg = RunConfig(strategy="multikrum", num_malicious_sites=1, update_norm_factor=0)
+    cfg = RunConfig(
+        secure_aggregation=False, strategy="multikrum", num_malicious_sites=1, update_norm_factor=0
+    )
     robust, state, honest = poisoned_round(cfg, 5)
     size = np.sqrt(flat(direction()).size)
     assert np.linalg.norm(robust - honest) < 0.05 * size  # the four honest sites, averaged
@@ -174,9 +188,9 @@ def test_multikrum_averages_the_n_minus_f_best_replies():
 
 def test_bad_robust_settings_are_named():
     with pytest.raises(ValueError, match="'num-malicious-sites' = -1 is invalid"):
-        RunConfig(num_malicious_sites=-1)
+        RunConfig(secure_aggregation=False, num_malicious_sites=-1)
     with pytest.raises(ValueError, match="'update-norm-factor' = 0.5 is invalid: use a factor >= 1, or 0"):
-        RunConfig(update_norm_factor=0.5)
+        RunConfig(secure_aggregation=False, update_norm_factor=0.5)
 
 
 @pytest.mark.slow
@@ -185,7 +199,9 @@ def test_a_robust_rule_runs_a_federation_end_to_end(tiny_federation, tmp_path):
     from simulation.main_job import run_federated
     from tests.server.test_federation import tiny_config
 
-    cfg = tiny_config(tiny_federation, tmp_path, run_name="median", strategy="fedmedian")
+    cfg = tiny_config(
+        tiny_federation, tmp_path, run_name="median", strategy="fedmedian", secure_aggregation=False
+    )
     results = run_federated(cfg, n_sites=2)
     assert results["failures"] == [], results["failures"]
     history = results["history"]

@@ -20,7 +20,8 @@ from common.config import RunConfig
 from common.records import to_record
 from server.accounting import message_bytes, tensor_bytes
 from server.results import RunRecorder
-from server.strategy import PhaseState, build_strategy
+from server.strategies import build_strategy
+from server.strategy import PhaseState
 
 SITES = {11: "site-a", 12: "site-b"}
 
@@ -95,7 +96,9 @@ def guarded(tmp_path=None):
                 "pretrain", round_no, {k: v for k, v in state.rounds[-1].items() if k != "round"}
             )
 
-    strategy = build_strategy(RunConfig(min_sites=1), state, reference(), on_round_end)
+    strategy = build_strategy(
+        RunConfig(secure_aggregation=False, min_sites=1), state, reference(), on_round_end
+    )
     return strategy, state, recorder, ended
 
 

@@ -1,7 +1,8 @@
-"""The rules of the ``dp-*`` run-config keys (site-level differential privacy), checked without torch.
+"""The rules of the privacy run-config keys, checked without torch: ``dp-*`` (site-level
+differential privacy) and ``secure-aggregation``, ``secagg-clip-range``.
 
-Split from :mod:`common.config` by concept (and size). The mechanism and the accountant live in
-``server/privacy.py``; docs/federation.md "Differential privacy" says what is protected.
+Split from :mod:`common.config` by concept (and size). The mechanisms live in ``server/privacy.py``
+and ``common/secagg.py``; docs/privacy.md says what each protects.
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ DP_PHASES: tuple[str, ...] = ("both", "pretrain", "stage")
 # the noise is calibrated to that. Medians, trimmed means and Krum select among the updates (and
 # the FedOpt family steps a server optimiser whose noise would have to come first): refused.
 DP_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+# Strategies whose aggregate is a weighted sum of the updates: the only ones secure aggregation
+# serves (the server sees only the sum; a median or Krum needs each update).
+SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+
+
+def secure_aggregation_problem(cfg: Any) -> tuple[str, Any, str] | None:
+    """``(key, value, fix)`` of an invalid secure-aggregation setting of a RunConfig, else None."""
+    if cfg.secure_aggregation and cfg.strategy not in SECURE_STRATEGIES:
+        fix = (
+            f"the server sees only the sum of the updates, which strategy '{cfg.strategy}' cannot use; use "
+            f"strategy {' or '.join(repr(s) for s in SECURE_STRATEGIES)}, or secure-aggregation = false"
+        )
+        return "secure-aggregation", True, fix
+    if not (math.isfinite(cfg.secagg_clip_range) and cfg.secagg_clip_range > 0):
+        return "secagg-clip-range", cfg.secagg_clip_range, "use a positive bound, e.g. 4.0"
+    return None
 
 
 def dp_problem(cfg: Any) -> tuple[str, Any, str] | None:
@@ -47,9 +64,9 @@ def dp_problem(cfg: Any) -> tuple[str, Any, str] | None:
     return None
 
 
-def check_dp_settings(cfg: Any) -> None:
+def check_privacy_settings(cfg: Any) -> None:
     """Raise ValueError naming the key, its value and the fix, as RunConfig does for every key."""
-    problem = dp_problem(cfg)
+    problem = secure_aggregation_problem(cfg) or dp_problem(cfg)
     if problem is not None:
         key, value, fix = problem
         raise ValueError(f"run config '{key}' = {value!r} is invalid: {fix}")
