@@ -40,7 +40,8 @@ from server.strategy import PhaseState
 
 log = logging.getLogger("onfh.server")
 
-BEST_STAGE_FILE = "best_stage_model.npz"  # global staging weights of the best validation round
+BEST_STAGE_FILE = "best_stage_model.npz"
+SETTLE_S = 2.0  # the inventory waits this long after the last node to connect  # global staging weights of the best validation round
 
 
 @dataclass
@@ -149,6 +150,14 @@ def _site_inventory(run: _Run, wait_s: float = 120.0) -> dict[str, dict]:
     while len(nodes) < run.cfg.min_sites and time.time() < deadline:
         time.sleep(1.0)
         nodes = list(run.grid.get_node_ids())
+    # Sites still connecting (a busy simulation starts its nodes one by one) join the inventory if
+    # they come within SETTLE_S of the last: a node asked nothing here has no name in the run.
+    settled = time.time() + SETTLE_S
+    while time.time() < min(settled, deadline):
+        time.sleep(0.5)
+        now = list(run.grid.get_node_ids())
+        if len(now) > len(nodes):
+            nodes, settled = now, time.time() + SETTLE_S
     messages = [
         Message(
             RecordDict({"config": ConfigRecord({"query": "inventory"})}),

@@ -82,7 +82,6 @@ class GuardedStrategy(SecureRounds, ReplyChecks):
         self.secagg_clip_range = cfg.secagg_clip_range
         self.histogram_bins = cfg.histogram_bins
         self.timeout = cfg.round_timeout_s
-        self.session = None  # the round's secure-aggregation session (server/secure_rounds.py)
         self._unbound_flagged: set[int] = set()
         self._sent: list[Message] = []  # this step's messages; their ids are set when Flower pushes them
         self.on_round_end = on_round_end or (lambda *_: None)

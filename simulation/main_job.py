@@ -169,15 +169,20 @@ def preprocess_sites(cfg: RunConfig, site_dirs: list[Path], workers: int = 2) ->
 
 
 def comparison_table(federated: dict, central: dict, local: dict[str, dict]) -> tuple[list[str], list[list]]:
-    """Rows: each site, then pooled. Columns: federated / centralized / local-only macro AUROC."""
+    """Rows: each site, then pooled. Columns: federated / centralized / local-only macro AUROC.
+
+    Under secure aggregation the federated model has no per-site figure (the server sees only the
+    sum of the sites' evaluations): its site cells are empty; test hips come from the inventory.
+    """
     fed_sites = federated["test"].get("sites", {})
+    inventory = federated.get("history", {}).get("inventory", {})
     names = sorted(set(fed_sites) | set(central.get("sites", {})))
     rows = []
     for name in names:
         rows.append(
             [
                 name,
-                int(fed_sites.get(name, {}).get("num-examples", 0)),
+                int(inventory.get(name, {}).get("labelled-test", fed_sites.get(name, {}).get("num-examples", 0))),
                 fed_sites.get(name, {}).get("macro-auroc"),
                 central.get("sites", {}).get(name, {}).get("macro_auroc"),
                 local.get(name, {}).get("sites", {}).get(name, {}).get("macro_auroc"),
@@ -322,6 +327,11 @@ def report(cfg: RunConfig, federated: dict, central: dict, local: dict, seconds:
     plot_comparison(header, rows, cfg.run_dir / "comparison.png")
     print("\nTest macro AUROC on held-out synthetic hips (per site and pooled):\n")
     print(table)
+    if federated["config"].get("secure-aggregation"):
+        print(
+            "\nfederated: secure aggregation on, the server saw only the sum of the sites' evaluations, "
+            "so the federated model has a pooled figure only"
+        )
     if ratio:
         print(f"\nfederated / centralized = {ratio:.3f}")
     if summary["failures"]:

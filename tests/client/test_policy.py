@@ -14,6 +14,7 @@ from client.policy import (
     DEFAULT_SOURCE,
     LIMITS,
     RELEASE_KEYS,
+    SECURE_KEY,
     WALL_TIME_KEY,
     Deadline,
     PolicyError,
@@ -55,7 +56,7 @@ def test_the_example_and_the_default_accept_the_app_defaults() -> None:
 
 def test_the_example_sets_every_key() -> None:
     table = tomllib.loads(EXAMPLE.read_text())["limits"]
-    assert set(table) == {*LIMITS, WALL_TIME_KEY, *RELEASE_KEYS}
+    assert set(table) == {*LIMITS, WALL_TIME_KEY, *RELEASE_KEYS, SECURE_KEY}
     policy = SitePolicy.load(EXAMPLE)
     assert policy.source == str(EXAMPLE) and policy.wall_time_s == table[WALL_TIME_KEY]
     assert policy.release == ReleaseBounds(table["min-release-hips"], table["max-release-bins"])

@@ -91,13 +91,18 @@ def test_epsilon_is_finite_grows_with_rounds_and_matches_the_accountant():
         ({"dp-delta": 1.5}, "'dp-delta' = 1.5 is invalid"),
         ({"dp-phases": "all"}, "'dp-phases' = 'all' is invalid: use one of both, pretrain, stage"),
         (
-            {"dp-noise-multiplier": 1, "fedbn": True, "strategy": "fedmedian"},
+            {"dp-noise-multiplier": 1, "fedbn": True, "strategy": "fedmedian", "secure-aggregation": False},
             "'strategy' = 'fedmedian' is invalid: differential privacy .* works with strategy fedavg or fedprox",
         ),
         (
-            {"dp-noise-multiplier": 1, "strategy": "fedadam", "fedbn": True},
+            {"dp-noise-multiplier": 1, "strategy": "fedadam", "fedbn": True, "secure-aggregation": False},
             "'strategy' = 'fedadam' is invalid",
         ),
+        (
+            {"strategy": "krum"},
+            "'secure-aggregation' = True is invalid: .*strategy 'krum' cannot use; use strategy",
+        ),
+        ({"secagg-clip-range": 0}, "'secagg-clip-range' = 0.0 is invalid: use a positive bound"),
         ({"dp-noise-multiplier": 1}, "'norm' = 'batch' is invalid: .*set fedbn = true"),
     ],
 )
