@@ -1,18 +1,25 @@
 """Differential privacy: pooled test macro AUROC against epsilon, FedAvg without DP and with DP.
 
-One synthetic federation, one budget (``presets/default.toml``), the same seeds; FedAvg without DP,
-then with site-level DP (``server/privacy.py``) on both phases at each noise multiplier ``z``
-(``--multipliers``), every update clipped to ``--clip`` (run config ``dp-clip-norm``). Epsilon is
-the run's, both phases composed, at ``dp-delta``, read from the results' ``privacy`` block. Every
-arm keeps the normalisation layers at the sites (``fedbn = true``: DP refuses batch-norm statistics
-on the wire, and the baseline must be the same model) and runs without the median norm bound
-(``update-norm-factor = 0``, which DP turns off), so the arms differ only by DP: the unweighted mean
-of clipped updates plus noise instead of FedAvg's example-weighted mean. ``--multipliers 1e-6``
-isolates the cost of clipping and unweighted averaging (noise negligible, epsilon meaningless).
+One synthetic federation, one budget (``presets/default.toml`` shortened to ``BUDGET``: 2
+pretraining rounds of 250 pairs, 4 staging rounds of 2 epochs, so a run takes minutes on 2 loaded
+cores), the same seeds; FedAvg without DP, then with site-level DP (``server/privacy.py``) on both
+phases at each noise multiplier ``z`` (``--multipliers``), every update clipped to ``--clip`` (run
+config ``dp-clip-norm``). Epsilon is the run's, both phases composed, at ``dp-delta``, read from
+the results' ``privacy`` block. Every arm keeps the normalisation layers at the sites (``fedbn =
+true``: DP refuses batch-norm statistics on the wire, and the baseline must be the same model) and
+runs without the median norm bound (``update-norm-factor = 0``, which DP turns off) and takes the
+last round's model (``select-on-val = false``: under FedBN the final test pairs the selected
+round's global weights with each site's latest local layers, a mismatch when the best validation
+round is not the last; fixed since, kept so that a rerun matches benchmarks/results/dp.json), so the arms differ only by DP: the unweighted mean of clipped updates plus
+noise instead of FedAvg's example-weighted mean. ``--multipliers 1e-6`` isolates the cost of
+clipping and unweighted averaging (noise negligible, epsilon meaningless). Secure aggregation (run
+config ``secure-aggregation``, on by default) stays as the preset sets it: with it on, the sites
+clip their own updates, the server adds the noise to the masked sum, and how many updates were
+clipped is unknown to it (``updates clipped``: -).
 
 Usage (from the repository root):
     .venv/bin/python -m benchmarks.bench_dp --quick   # smoke: 2 tiny sites x 6 patients, 1 round per phase
-    .venv/bin/python -m benchmarks.bench_dp           # 4 sites x 30 patients, z in 0.01 0.1 0.3 1
+    .venv/bin/python -m benchmarks.bench_dp           # 4 sites x 30 patients, BUDGET, z in 0.01 0.1 0.3 1
 
 Writes ``benchmarks/results/dp[_quick].json`` after every run (runs in it with the same setup are
 kept: a cut run continues) and the figure ``docs/dp.png`` (quick: under ``--work``).
@@ -44,7 +51,14 @@ from benchmarks.harness import (
 )
 from common.config import RunConfig
 
-ARMS = {"fedbn": True, "update_norm_factor": 0.0, "strategy": "fedavg"}  # every run, with DP or without
+# presets/default.toml shortened (its 2 + 8 rounds take ~15 min a run here).
+BUDGET = {"pretrain_rounds": 2, "pretrain_max_pairs": 250, "stage_rounds": 4, "stage_epochs": 2}
+ARMS = {
+    "fedbn": True,
+    "update_norm_factor": 0.0,
+    "strategy": "fedavg",
+    "select_on_val": False,
+}  # every run, with DP or without
 
 
 def _median_norms(history: dict) -> dict[str, float | None]:
@@ -75,7 +89,7 @@ def run_arm(cfg: RunConfig, n_sites: int, z: float, seed: int) -> dict:
         "epsilon_stage": privacy.get("stage", {}).get("epsilon"),
         "noise_std_stage": notes[-1]["noise-std"] if notes else None,
         "clipped_share": (sum(n["clipped-sites"] for n in notes) / max(sum(n["sites"] for n in notes), 1))
-        if notes
+        if notes and all(n.get("clipped-sites") is not None for n in notes)  # None: secure aggregation
         else None,
         "median_update_norm": _median_norms(history),
         "pooled": auroc(test.get("macro-auroc")),
@@ -169,6 +183,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=11, help="synthetic federation seed (main job: 0)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/dp.json)")
     parser.add_argument("--work", type=Path, default=WORK / "dp", help="run folders")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="federation folder (default under /tmp/onfh-bench)"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="its cache root (default under /tmp/onfh-bench)"
+    )
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default docs/dp.png)")
     args = parser.parse_args(argv)
     args.multipliers = args.multipliers or ([0.01, 0.1, 1.0] if args.quick else [0.01, 0.1, 0.3, 1.0])
@@ -185,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"{n_sites}x{patients}-{size}-s{args.seed}"
     federation = Federation(
         n_sites, patients, size, PRESETS / f"{preset}.toml",
-        Path(f"/tmp/onfh-bench/fed-dp-{tag}"), Path(f"/tmp/onfh-bench/cache-dp-{tag}"),
+        args.data or Path(f"/tmp/onfh-bench/fed-dp-{tag}"), args.cache or Path(f"/tmp/onfh-bench/cache-dp-{tag}"),
     )  # fmt: skip
-    budget = {**(QUICK_BUDGET if args.quick else {}), **ARMS, "dp_clip_norm": args.clip}
+    budget = {**(QUICK_BUDGET if args.quick else BUDGET), **ARMS, "dp_clip_norm": args.clip}
     setup = {"quick": args.quick, "federation": tag, "budget": budget}
     info = machine()
     results = {
@@ -200,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     cfg, _ = prepare_federation(federation, args.work, args.seed, **budget)
     cfg = cfg.replace(run_name=tag)
-    results["delta"] = cfg.dp_delta
+    results["delta"], results["secure_aggregation"] = cfg.dp_delta, cfg.secure_aggregation
 
     def update(res: dict) -> None:
         res["table"] = table(res["runs"], cfg.dp_delta)

@@ -196,7 +196,14 @@ def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -
     config = msg.content["config"]
     phase, split = str(config.get("phase", "stage")), str(config.get("split", "val"))
     secure = _secure_record(msg, context, site, policy, "evaluation")
-    local = tasks.load_local_layers(site, cfg, phase) if cfg.fedbn else None
+    # FedBN: the site's layers of the round whose global weights these are (the final test may
+    # send an earlier, best-validated round's), else its latest.
+    model_round = int(config["model-round"]) if "model-round" in config else None
+    local = (
+        tasks.load_local_layers(site, cfg, phase, before=model_round and model_round + 1)
+        if cfg.fedbn
+        else None
+    )
     arrays = from_record(msg.content["arrays"])
     # A masked evaluation is no release of this site's own: the server sees only the sum over at
     # least ``threshold`` sites, so the per-site release bounds do not apply to it.

@@ -115,15 +115,13 @@ def load_local_layers(
 def save_local_layers(
     site: SiteConfig, cfg: RunConfig, phase: str, phase_round: int, local: LocalState
 ) -> None:
-    """Keep round ``phase_round``'s FedBN layers in the site's cache (atomically), and of the others
-    only the latest earlier round's, which a repeat of this round after a resume starts from."""
+    """Keep round ``phase_round``'s FedBN layers in the site's cache (atomically), beside every
+    earlier round's: a repeat of a round after a resume starts from the one before, and the final
+    test pairs the best-validated round's global weights with that round's layers (a few kB each)."""
     folder = local_layers_dir(site, cfg, phase)
     save_npz_atomic(folder / f"round-{phase_round:04d}.npz", local)
-    rounds = _saved_rounds(folder)
-    earlier = [r for r in rounds if r < phase_round]
-    keep = {phase_round, max(earlier)} if earlier else {phase_round}
-    for number, path in rounds.items():
-        if number not in keep:  # older rounds, and later ones left by an earlier run of this name
+    for number, path in _saved_rounds(folder).items():
+        if number > phase_round:  # later rounds left by an earlier run of this name
             path.unlink(missing_ok=True)
 
 

@@ -77,9 +77,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     # Phase 2: federated staging.
     stage_resume = resume if resume and resume.phase == "stage" else None
     initial = stage_resume.arrays if stage_resume else get_shared_state(staging, cfg.fedbn)
-    final = _select_final(run, _run_phase(run, "stage", initial, cfg.stage_rounds, stage_resume))
+    final, final_round = _select_final(run, _run_phase(run, "stage", initial, cfg.stage_rounds, stage_resume))
 
-    test = _final_test(run, final)
+    test = _final_test(run, final, final_round)
     set_shared_state(staging, final)
     results = {
         "config": cfg.to_dict(),
@@ -125,18 +125,19 @@ def _pretrain_and_transfer(
     log.info("transferred %d encoder tensors from the translation network", len(loaded))
 
 
-def _select_final(run: _Run, last: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The last round's weights, or with ``select-on-val`` those of the best validation round."""
+def _select_final(run: _Run, last: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """The last round's weights, or with ``select-on-val`` those of the best validation round, and
+    the round (under FedBN the sites test with their own layers of that round)."""
     best_path = run.cfg.run_dir / BEST_STAGE_FILE
     if not (run.cfg.select_on_val and "best-stage-round" in run.history and best_path.exists()):
-        return last
+        return last, run.cfg.stage_rounds
     # Model selection on the pooled validation AUROC, as the centralized trainer selects epochs.
     log.info(
         "final model: round %d (best pooled validation macro AUROC %.3f)",
         run.history["best-stage-round"],
         run.history["best-stage-val-auroc"],
     )
-    return _load_npz(best_path)
+    return _load_npz(best_path), int(run.history["best-stage-round"])
 
 
 def _nbytes(arrays: dict[str, np.ndarray]) -> int:
@@ -280,10 +281,12 @@ def _round_done(
     run.recorder.round_done(state.phase, round_no, {k: v for k, v in entry.items() if k != "round"})
 
 
-def _final_test(run: _Run, arrays: dict[str, np.ndarray]) -> dict:
-    """Held-out test evaluation of the final global model, pooled from site aggregates."""
+def _final_test(run: _Run, arrays: dict[str, np.ndarray], model_round: int) -> dict:
+    """Held-out test evaluation of the final global model (that of staging round ``model_round``),
+    pooled from site aggregates."""
     state = run.phase_state("stage", run.cfg.stage_rounds, [])
     strategy = build_strategy(run.cfg, state, arrays)
-    messages = strategy.configure_evaluate(0, to_record(arrays), ConfigRecord({"split": "test"}), run.grid)
+    config = ConfigRecord({"split": "test", "model-round": model_round})
+    messages = strategy.configure_evaluate(0, to_record(arrays), config, run.grid)
     replies = run.grid.send_and_receive(messages, timeout=run.cfg.round_timeout_s)
     return strategy.pooled_evaluation(0, replies, "test")

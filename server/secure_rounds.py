@@ -112,6 +112,8 @@ class SecureRounds:
     def pooled_evaluation(self, server_round: int, replies: Iterable[Message], step: str) -> dict:
         """The evaluation summary of one step's replies: from the masked sum under secure aggregation,
         else pooled from the sites' own releases (:func:`server.accounting.summarise_evaluation`)."""
+        if self.secure_aggregation and self.session is None:  # refused when it opened (recorded then)
+            return _not_pooled("too few sites to open a secure-aggregation session")
         kept = self.screen(server_round, replies, step, check_arrays=False)
         if not self.secure_aggregation:
             return summarise_evaluation(self.state.phase, kept, self.site_of)
@@ -121,14 +123,19 @@ class SecureRounds:
             total = self.session.reveal("evaluate", masked)
         except SecAggError as exc:  # nothing is learned: said as such in the summary
             self._fail(server_round, step, "secure-aggregation", str(exc), action="refused")
-            refused = {"sites": [], "refused": str(exc)}
-            return {
-                "num-examples": 0.0,
-                "sites": {},
-                "macro-auroc": float("nan"),
-                "n-hips": 0.0,
-                "secure-aggregation": refused,
-            }
+            return _not_pooled(str(exc))
         sums = evaluation_sums(self.state.phase, decode_counts(total), self.histogram_bins)
         sites = sorted(self.state.sites.get(node, f"node-{node}") for node in masked)
         return summarise_sums(self.state.phase, sums, sites)
+
+
+def _not_pooled(reason: str) -> dict:
+    """The summary of an evaluation secure aggregation could not reveal: nothing pooled, and why."""
+    refused = {"sites": [], "refused": reason}
+    return {
+        "num-examples": 0.0,
+        "sites": {},
+        "macro-auroc": float("nan"),
+        "n-hips": 0.0,
+        "secure-aggregation": refused,
+    }

@@ -225,11 +225,15 @@ class GuardedStrategy(SecureRounds, ReplyChecks):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies_in = time.perf_counter()
-        kept = self.screen(server_round, replies, "train", check_arrays=not self.secure_aggregation)
         note = None
-        if self.secure_aggregation:
+        if self.secure_aggregation and self.session is None:  # too few sites to open a session:
+            kept = []  # nothing was sent, the round is refused (recorded) and the weights stay
+            arrays, metrics = to_record(self.bounds.sent), MetricRecord({"num-examples": 0.0})
+        elif self.secure_aggregation:
+            kept = self.screen(server_round, replies, "train", check_arrays=False)
             arrays, metrics, note = self._secure_train(server_round, kept)
         else:
+            kept = self.screen(server_round, replies, "train", check_arrays=True)
             arrays, metrics = super().aggregate_train(server_round, kept)
         if (
             self.privacy is not None and kept and not self.secure_aggregation

@@ -163,8 +163,13 @@ def test_run_completes_over_tls_with_node_authentication(finished_run, deploymen
     assert results["failures"] == []
     assert [r["round"] for r in results["history"]["pretrain"]] == [1]
     assert [r["round"] for r in results["history"]["stage"]] == [1]
-    # Both sites took part; a site whose split left it no labelled test hip sits the test out.
-    assert set(results["test"]["sites"]) <= {"site-00", "site-01"} and results["test"]["sites"]
+    # Both sites took part, under secure aggregation (the default) between SuperNodes over TLS: the
+    # server pooled the test from the masked sum of both sites' evaluations, and has no site's own.
+    assert results["config"]["secure-aggregation"]
+    assert results["test"]["secure-aggregation"]["sites"] == ["site-00", "site-01"]
+    assert results["test"]["sites"] == {} and results["test"]["n-hips"] > 0
+    for entry in results["history"]["pretrain"] + results["history"]["stage"]:
+        assert set(entry["bytes"]["secagg-unmask-train-received"]) == {"site-00", "site-01"}
     assert set(results["history"]["inventory"]) == {"site-00", "site-01"}
     server_log = (run_dir / "server.log").read_text()
     assert "resuming" in server_log  # the second submission continued from the checkpoint
