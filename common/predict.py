@@ -23,6 +23,15 @@ from common.sitedata.load import LABELS_FILE, SiteData, load_site
 from common.training.weights import set_shared_state
 
 STAGE_NAMES = ("I", "II", "III", "IV")
+# What the model is for, said in every output. The staging head has four outputs, the paper's ARCO
+# I-IV: it was trained and validated on hips with ONFH only, so its answer for a healthy hip is a
+# stage like any other (often confident). A fifth "no ONFH" output would be a detector, a second
+# task with its own validation; the four-way AUROC stays the paper's.
+SCOPE = (
+    "scope: this model stages hips already diagnosed with ONFH (ARCO I-IV). It does not detect "
+    "ONFH: a healthy hip also gets a stage, so a stage below says nothing about whether the hip "
+    "has ONFH"
+)
 
 
 def load_model(run_dir: Path) -> tuple[StagingNet, RunConfig, list[str]]:
@@ -67,7 +76,7 @@ def load_model(run_dir: Path) -> tuple[StagingNet, RunConfig, list[str]]:
     if missing:
         notes.append(
             f"{model_path} lacks {len(missing)} tensors (e.g. {missing[0]}; FedBN keeps normalisation layers at "
-            "the sites): they keep their initial values, so predictions may be off; use a site's own model"
+            "the sites): they keep their initial values, so predictions may be off"
         )
     return net.eval(), cfg, notes
 
@@ -115,6 +124,7 @@ def predict_study(study_dir: Path, run_dir: Path, png: Path | None, batch_size: 
             "side": str(site.sides[i]),
             "probabilities": dict(zip(STAGE_NAMES, probs[i].tolist(), strict=True)),
             "predicted_stage": STAGE_NAMES[int(probs[i].argmax())],
+            "scope": SCOPE,
         }
         if "protocol" in attention:
             hip["protocol_attention"] = dict(
@@ -208,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"onfh predict: {exc}", file=sys.stderr)
         return 2
+    print(SCOPE)
     for hip in hips:
         probs = "  ".join(f"{k}: {v:.3f}" for k, v in hip["probabilities"].items())
-        print(f"hip {hip['hip']}: stage {hip['predicted_stage']}   ({probs})")
+        print(f"hip {hip['hip']}: stage {hip['predicted_stage']} if ONFH   ({probs})")
         if "protocol_attention" in hip:
             weights = ", ".join(f"{k} {v:.3f}" for k, v in hip["protocol_attention"].items())
             print(f"    protocol attention: {weights}")

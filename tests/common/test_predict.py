@@ -19,7 +19,7 @@ from common.training.centralized import save_model, train_two_phase
 from common.training.weights import get_shared_state
 from tests.common.training.test_centralized import shared_cache, write_test_preset
 
-HIP_LINE = re.compile(r"^hip (\S+): stage (I|II|III|IV)\s+\((.*)\)$")
+HIP_LINE = re.compile(r"^hip (\S+): stage (I|II|III|IV) if ONFH\s+\((.*)\)$")
 ATTENTION_LINE = re.compile(r"^\s+protocol attention: (.*)$")
 
 
@@ -128,3 +128,30 @@ def test_load_model_reads_federated_weights_and_flags_fedbn(run_dir, tmp_path):
     np.savez(federated / "final_model.npz", **get_shared_state(trained, fedbn=True))
     _, _, notes = load_model(federated)
     assert len(notes) == 1 and "FedBN" in notes[0]
+
+
+def test_a_healthy_hip_gets_the_scope_statement_never_a_bare_stage(run_dir, study, tiny_federation):
+    """The four-way model has no answer for "no ONFH": a healthy hip of the phantom (stage 0 in the
+    truth file) is staged like any other, so the output says what the model is for, once at the
+    top and on every stage line."""
+    truth = {p["patient_id"]: p for p in json.loads((tiny_federation / "site-00.truth.json").read_text())}
+    healthy = [side for side, hip in truth[study.name]["hips"].items() if hip["stage"] == 0]
+    if not healthy:  # the study's patient has ONFH in both hips: find one with a healthy hip
+        study = next(
+            tiny_federation / "site-00" / pid
+            for pid, p in truth.items()
+            if any(h["stage"] == 0 for h in p["hips"].values())
+            and (tiny_federation / "site-00" / pid).is_dir()
+        )
+        healthy = [side for side, hip in truth[study.name]["hips"].items() if hip["stage"] == 0]
+    rc, out, _ = run_cli([study, "--model", run_dir, "--png", run_dir.parent / "healthy.png"])
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("scope: this model stages hips already diagnosed with ONFH")
+    assert "does not detect ONFH" in lines[0]
+    stage_lines = [line for line in lines if line.startswith("hip ")]
+    assert stage_lines and all(HIP_LINE.match(line) for line in stage_lines)  # "stage X if ONFH"
+    sides = {line.split(":")[0].rsplit("-", 1)[-1] for line in stage_lines}
+    assert set(healthy) <= sides  # the healthy hip was staged, and said so with the qualifier
+    hips = predict_study(study, run_dir, None)
+    assert all(h["scope"].startswith("scope: this model stages") for h in hips)
