@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import ledger, secagg, tasks
+from client import delivery, ledger, secagg, tasks
 from client.policy import Deadline, PolicyError, PolicyRefusal, ReleaseBounds, SitePolicy
 from common.config import RunConfig, SiteConfig
 from common.records import from_record, to_record
@@ -226,13 +227,19 @@ _SECURE_STEPS = {
 
 
 def handle_query(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
-    """Site inventory (the site's name and how much data each phase can use: counts only), or a
-    step of secure aggregation (:mod:`client.secagg`)."""
+    """Site inventory (the site's name and how much data each phase can use: counts only), a step
+    of secure aggregation (:mod:`client.secagg`), or the run's final model (:mod:`client.delivery`)."""
     cfg, site, _, _ = _setup(context, overrides)
     config = msg.content["config"]
     step = _SECURE_STEPS.get(str(config.get("query", "inventory")))
     if step is not None:
         return _reply(msg, context, site, {}, secure=step(config, context.state))
+    if config.get("query") == "deliver":  # the run's final model: kept here, only an acknowledgement leaves
+        card = json.loads(str(config["card"]))
+        delivery.save_delivered_model(
+            context.node_config, site, cfg, from_record(msg.content["arrays"]), card
+        )
+        return _reply(msg, context, site, {"delivered": 1})
     return _reply(msg, context, site, tasks.inventory(site, cfg))
 
 
@@ -260,8 +267,15 @@ def make_client_app(overrides: dict[str, Any] | None = None, site_policy: str | 
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        secure = str(msg.content["config"].get("query", "")).startswith("secagg-")
-        return guarded("secure aggregation" if secure else "inventory", handle_query, msg, context)
+        query = str(msg.content["config"].get("query", ""))
+        step = (
+            "secure aggregation"
+            if query.startswith("secagg-")
+            else "model delivery"
+            if query == "deliver"
+            else "inventory"
+        )
+        return guarded(step, handle_query, msg, context)
 
     return app
 

@@ -33,6 +33,7 @@ from server.checkpoint import (
     strategy_optimiser_state,
     write_checkpoint,
 )
+from server.delivery import deliver, model_card
 from server.privacy import PHASES, SiteLevelDP, noised_rounds, privacy_report
 from server.results import RunRecorder
 from server.strategies import build_strategy
@@ -92,6 +93,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             "stage": _nbytes(get_shared_state(staging, cfg.fedbn, cfg.update_dtype)),
         },
     }
+    # Every site that took part gets the model it helped train, with its card (server/delivery.py).
+    results["delivery"] = deliver(grid, cfg, run.sites, final, model_card(cfg, results, final_round))
     model_arrays = {k: v.detach().cpu().numpy() for k, v in staging.state_dict().items()}
     path = recorder.write_final(results, model_arrays)
     log.info(

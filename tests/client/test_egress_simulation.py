@@ -170,7 +170,7 @@ def ledger_record(entries: list[dict]) -> list[tuple]:
     from the training line before them: the server's evaluate message carries no round)."""
     record, last_round = [], None
     for e in entries:
-        if e.get("split") == "test":
+        if e.get("split") == "test" or e["phase"] == "deliver":  # after the rounds (the server's own record)
             continue
         last_round = (
             e["round"] if e["kind"] in ("train", "error") and e["phase"] != "inventory" else last_round
@@ -206,12 +206,15 @@ def test_the_audit_summary_matches_the_ledger_and_the_server(egress_run, capsys)
     for site, path in paths.items():
         summary = audit.summarise(ledger.read(path))
         server = sent_by_server_record(results, site)
-        assert summary["messages"] == len(server) + 1  # + the final test
+        delivered = int(site in results["delivery"]["sites"])  # the model's acknowledgement
+        assert summary["messages"] == len(server) + 1 + delivered  # + the final test
         assert summary["errors"] == sum(1 for r in server if r[2] == "error")
         by_kind: dict[tuple, int] = {}
         for phase, _, kind, _ in server:
             by_kind[(phase, kind)] = by_kind.get((phase, kind), 0) + 1
         by_kind[("stage", "evaluate")] += 1  # the final test is a stage evaluation
+        if delivered:
+            by_kind[("deliver", "query")] = 1
         assert {(r["phase"], r["kind"]): r["messages"] for r in summary["rows"]} == by_kind
         assert {r["run-id"] for r in summary["rows"]} != {None}
         assert audit.main(["--ledger", str(path)]) == 0
@@ -268,7 +271,9 @@ def test_nothing_a_site_sent_identifies_a_hip(egress_run, tiny_federation) -> No
             for key, value in entry["metrics"].items():
                 numbers = value if isinstance(value, list) else [value]
                 assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers), key
-            if entry["kind"] == "query":
+            if entry["kind"] == "query" and entry["phase"] == "deliver":
+                assert entry["metrics"] == {"delivered": 1}
+            elif entry["kind"] == "query":
                 assert set(entry["metrics"]) == RELEASED["query"]
             elif entry["kind"] == "train":
                 assert set(entry["metrics"]) == RELEASED["train"]
@@ -321,7 +326,8 @@ def test_secure_ledger_counts_every_message_and_everything_else_is_masked(
     for site, path in paths.items():
         entries = ledger.read(path)
         # The final test is a session of its own (keys, shares, evaluation, unmask), outside the rounds.
-        assert len(entries) == received_by_server(results, site) + 4, site
+        delivered = int(site in results["delivery"]["sites"])  # the model's acknowledgement, after the test
+        assert len(entries) == received_by_server(results, site) + 4 + delivered, site
         summary = audit.summarise(entries)
         assert summary["messages"] == len(entries) and summary["masked"] == sum(e["masked"] for e in entries)
         for entry in entries:
@@ -345,6 +351,8 @@ def test_secure_ledger_counts_every_message_and_everything_else_is_masked(
                         assert all(isinstance(v, int) for v in values), key
                     elif key != "site-name":
                         assert all(BYTES.fullmatch(v) for v in values), key
+            elif entry["phase"] == "deliver":
+                assert entry["metrics"] == {"delivered": 1}
             else:
                 assert set(entry["metrics"]) == RELEASED["query"]  # the inventory
     assert (

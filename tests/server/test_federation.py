@@ -94,10 +94,10 @@ def test_tracking_store_holds_the_rounds_of_metrics_jsonl(federated_run):
     assert events.Scalars("test/n-hips")[0].value == results["test"]["n-hips"]
 
 
-def test_server_outputs_hold_no_patient_identifier(federated_run, tiny_federation):
-    cfg, _ = federated_run
+def dicom_identifiers(federation: Path) -> set[str]:
+    """PatientID, PatientName, study and series UIDs and accession numbers of the federation's DICOM."""
     identifiers = set()
-    for path in tiny_federation.rglob("*"):
+    for path in federation.rglob("*"):
         if path.is_file() and path.suffix not in (".csv", ".json"):
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -113,6 +113,12 @@ def test_server_outputs_hold_no_patient_identifier(federated_run, tiny_federatio
                 }
             )
     identifiers.discard("")
+    return identifiers
+
+
+def test_server_outputs_hold_no_patient_identifier(federated_run, tiny_federation):
+    cfg, _ = federated_run
+    identifiers = dicom_identifiers(tiny_federation)
     assert len(identifiers) > 10
     written = "".join(p.read_bytes().decode("latin-1") for p in cfg.run_dir.rglob("*") if p.is_file())
     leaked = [i for i in identifiers if i in written]
@@ -165,3 +171,47 @@ def test_fedbn_run_keeps_norm_layers_at_the_sites(tiny_federation, tmp_path):
         np.testing.assert_array_equal(model[key], initial[key].numpy(), err_msg=key)
     shared = [k for k in model.files if k not in norm and k.endswith("weight")]
     assert any(not np.allclose(model[k], initial[k].numpy()) for k in shared)
+    # Each site received a personalised model: the global weights with its own layers of the
+    # model's round (the best-validated one under select-on-val).
+    card_path = delivered_folder(cfg, "site-00") / "model_card.json"
+    model_round = json.loads(card_path.read_text())["run"]["model-round"]
+    for site in ("site-00", "site-01"):
+        folder = delivered_folder(cfg, site)
+        card = json.loads((folder / "model_card.json").read_text())
+        assert card["site"] == {**card["site"], "name": site, "personalised": True}
+        mine = np.load(folder / "final_model.npz")
+        layers = np.load(
+            Path(cfg.cache_dir) / site / "fedbn" / "fedbn" / "stage" / f"round-{model_round:04d}.npz"
+        )
+        for key in layers.files:
+            np.testing.assert_array_equal(mine[key], layers[key], err_msg=key)
+        for key in shared:
+            np.testing.assert_array_equal(mine[key], model[key], err_msg=key)
+
+
+def delivered_folder(cfg, site: str) -> Path:
+    """Where a simulated site keeps a delivered model: ``SITE-models/RUN`` beside its cache folder."""
+    return Path(cfg.cache_dir) / f"{site}-models" / cfg.run_name
+
+
+def test_every_site_receives_the_model_and_a_card_without_identifiers(federated_run, tiny_federation):
+    from common.predict import load_model
+
+    cfg, results = federated_run
+    assert results["delivery"] == {"sites": ["site-00", "site-01"], "failed": {}}
+    secrets = dicom_identifiers(tiny_federation)
+    for site in ("site-00", "site-01"):
+        folder = delivered_folder(cfg, site)
+        assert {p.name for p in folder.iterdir()} == {
+            "final_model.npz", "global_model.npz", "run_config.json", "model_card.json", "model_card.md"
+        }  # fmt: skip
+        net, _, notes = load_model(folder)  # what 'onfh predict --model FOLDER' reads
+        assert notes == []
+        card = json.loads((folder / "model_card.json").read_text())
+        assert card["site"]["name"] == site and card["site"]["personalised"] is False
+        assert set(card["sites"]) == {"site-00", "site-01"}
+        assert card["metrics"]["test hips"] == results["test"]["n-hips"]
+        assert "does not detect ONFH" in card["intended-use"]
+        text = (folder / "model_card.md").read_text() + (folder / "model_card.json").read_text()
+        assert not [i for i in secrets if i in text]
+        assert str(tiny_federation) not in text

@@ -1,0 +1,67 @@
+"""The site's copy of the model it helped train: written where the site keeps its models.
+
+``deliver`` query (:mod:`server.delivery`): the final global weights and the model card. The site
+writes, into node config ``model-dir`` (default: ``SITE-models`` beside its cache folder, so that
+clearing the cache keeps it), a folder per run that ``onfh predict --model`` takes directly:
+``final_model.npz`` (the whole staging network: under FedBN the global weights with this site's own
+normalisation layers of the model's round), ``global_model.npz`` (the weights as the server sent
+them), ``run_config.json``, ``model_card.json`` and ``model_card.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client import tasks
+from common.config import RunConfig, SiteConfig
+from common.files import save_npz_atomic, write_atomic
+from common.model_card import card_markdown
+from common.models.factory import build_staging
+from common.training.weights import set_shared_state
+
+MODEL_DIR_KEY = "model-dir"  # node config
+
+
+def model_folder(node_config: Mapping[str, Any], site: SiteConfig, cfg: RunConfig) -> Path:
+    """Where this run's delivered model goes (the run name's plain characters name the folder)."""
+    name = re.sub(r"[^\w.-]", "_", site.site_name).lstrip(".") or "site"
+    root = node_config.get(MODEL_DIR_KEY) or Path(site.cache_dir).absolute().parent / f"{name}-models"
+    run = re.sub(r"[^\w.-]", "_", cfg.run_name or "run").lstrip(".") or "run"
+    return Path(str(root)) / run
+
+
+def save_delivered_model(
+    node_config: Mapping[str, Any],
+    site: SiteConfig,
+    cfg: RunConfig,
+    arrays: dict[str, np.ndarray],
+    card: dict,
+) -> Path:
+    """Write the delivered model, its run config and its card; returns the folder."""
+    folder = model_folder(node_config, site, cfg)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    net = build_staging(cfg.model)
+    set_shared_state(net, arrays)
+    personalised = False
+    if cfg.fedbn:  # the site's own layers of the round whose global weights these are
+        local = tasks.load_local_layers(site, cfg, "stage", before=int(card["run"]["model-round"]) + 1)
+        if local:
+            set_shared_state(net, local)
+            personalised = True
+    save_npz_atomic(
+        folder / "final_model.npz", {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+    )
+    save_npz_atomic(folder / "global_model.npz", arrays)
+    card = {**card, "site": {"name": site.site_name, "personalised": personalised,
+                             "delivered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}  # fmt: skip
+    write_atomic(folder / "run_config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+    write_atomic(folder / "model_card.json", json.dumps(card, indent=2).encode())
+    write_atomic(folder / "model_card.md", card_markdown(card).encode())
+    return folder
