@@ -31,9 +31,11 @@ def model_card(cfg: RunConfig, results: dict, model_round: int) -> dict:
     """The card of a run's final model, from its settings and results (counts and figures only)."""
     test, privacy = results.get("test", {}), results.get("privacy", {})
     confusion = np.asarray(test.get("confusion", [0] * 16), dtype=float).reshape(4, 4)
-    metrics = {
-        k: test[k] for k in CARD_METRICS if isinstance(test.get(k), int | float) and test[k] == test[k]
-    }
+    # Undefined figures (NaN, or -1 for a stage absent from the test hips) are left out.
+    metrics: dict = {"test hips": int(test.get("n-hips", 0))}
+    metrics.update(
+        {k: float(test[k]) for k in CARD_METRICS if isinstance(test.get(k), int | float) and test[k] >= 0}
+    )
     metrics.update(
         {f"test hips, stage {s}": int(n) for s, n in zip(STAGES, confusion.sum(axis=1), strict=True)}
     )
