@@ -1,0 +1,86 @@
+"""``onfh evaluate``: a site's own validation of a model, with patient-level intervals."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from common.evaluate import (
+    apply_recalibration,
+    aurocs,
+    evaluate,
+    fit_recalibration,
+    hip_scores,
+    main,
+    patient_bootstrap,
+)
+from tests.common.test_predict import run_dir  # noqa: F401  (the module's trained model)
+
+
+def test_the_bootstrap_moves_both_hips_of_a_patient_together():
+    """Each patient's two hips carry identical scores and labels here, one patient a class: a
+    resample that split a patient's hips would give AUROCs a patient-level resample never can."""
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"p{i}" for i in range(12)], 2)
+    labels = np.repeat(np.arange(12) % 4, 2)
+    probs = np.repeat(rng.dirichlet(np.ones(4), 12), 2, axis=0)
+    exact = aurocs(probs, labels)
+    ci = patient_bootstrap(probs, labels, patients, reps=300)
+    assert set(ci) >= {"macro-auroc", "auroc-stage-I"}
+    # Every draw holds each chosen patient's hips as pairs, so it equals an AUROC of whole patients.
+    rows = {p: np.flatnonzero(patients == p) for p in np.unique(patients)}
+    assert all(len(r) == 2 for r in rows.values())
+    for key, (low, high) in ci.items():
+        assert low <= high and 0 <= low and high <= 1, key
+    assert ci["macro-auroc"][0] <= exact["macro-auroc"] + 0.25
+
+
+def test_recalibration_keeps_every_auroc_and_fits_the_validation_hips():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 200)
+    logits = rng.normal(0, 1, (200, 4)) + 3.0 * np.eye(4)[labels]  # overconfident after the scaling below
+    probs = np.exp(3 * logits) / np.exp(3 * logits).sum(axis=1, keepdims=True)
+    maps = fit_recalibration(probs[:100], labels[:100])
+    assert all(a > 0 for a, _ in maps)
+    calibrated = apply_recalibration(probs, maps)
+    for k in range(4):  # monotone per stage: the same ranking, the same AUROC, exactly
+        exact = roc_auc_score(labels == k, probs[:, k])
+        assert roc_auc_score(labels == k, calibrated[:, k]) == pytest.approx(exact, abs=1e-12)
+    from common.evaluate import classwise_ece
+
+    assert classwise_ece(apply_recalibration(probs[:100], maps), labels[:100]) < classwise_ece(
+        probs[:100], labels[:100]
+    )
+
+
+def test_evaluate_reports_intervals_calibration_and_protocol_groups(run_dir, tiny_federation, tmp_path):  # noqa: F811
+    out = tmp_path / "report"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(
+            [str(tiny_federation / "site-00"), "--model", str(run_dir), "--split", "all", "--out", str(out)]
+        )
+    assert rc == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert (out / "reliability.png").stat().st_size > 1000
+    scores = hip_scores(tiny_federation / "site-00", run_dir, ("train", "val", "test"), tmp_path / "cache")
+    assert report["hips"] == len(scores["labels"]) and report["patients"] == len(set(scores["patients"]))
+    assert report["macro-auroc"] == pytest.approx(evaluate(scores)["macro-auroc"])
+    assert np.sum(report["confusion"]) == report["hips"]
+    assert sum(g["hips"] for g in report["by-protocols"].values()) == report["hips"]
+    assert 0 <= report["ece"] <= 1
+    assert "95% CI (patients resampled)" in stdout.getvalue()
+
+
+def test_a_site_without_labels_in_the_split_exits_2(run_dir, tmp_path):  # noqa: F811
+    empty = tmp_path / "empty-site"
+    empty.mkdir()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(empty), "--model", str(run_dir)]) == 2
+    assert "onfh evaluate:" in err.getvalue() and str(empty) in err.getvalue()
