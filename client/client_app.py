@@ -208,11 +208,12 @@ def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -
     arrays = from_record(msg.content["arrays"])
     # A masked evaluation is no release of this site's own: the server sees only the sum over at
     # least ``threshold`` sites, so the per-site release bounds do not apply to it.
-    release = ReleaseBounds(min_hips=0, max_bins=cfg.histogram_bins) if secure is not None else policy.release
+    # (A site without a hip in the split adds zeros.)
+    release = ReleaseBounds(min_hips=1, max_bins=cfg.histogram_bins) if secure is not None else policy.release
     metrics = tasks.evaluate_round(phase, split, site, cfg, arrays, local, deadline.check, release)
     if secure is None:
         return _reply(msg, context, site, metrics)
-    vector = encode_counts(evaluation_vector(phase, metrics))
+    vector = encode_counts(evaluation_vector(phase, metrics, cfg.histogram_bins))
     masked = secagg.mask(context.state, str(secure["session"]), "evaluate", vector)
     return _reply(
         msg, context, site, {"num-examples": metrics["num-examples"]}, {"masked": masked}, masked=True

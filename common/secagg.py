@@ -145,10 +145,12 @@ def training_sums(
 PRETRAIN_METRICS = ("mae-hu", "psnr", "ssim")
 
 
-def evaluation_vector(phase: str, metrics: dict) -> np.ndarray:
+def evaluation_vector(phase: str, metrics: dict, bins: int) -> np.ndarray:
     """A site's evaluation as sums-to-be: staging ``[n, histogram, confusion]``; pretraining
-    ``[n, n x mae-hu, n x psnr, n x ssim]``."""
+    ``[n, n x mae-hu, n x psnr, n x ssim]``. A site with nothing to score adds zeros."""
     n = float(metrics.get("num-examples", 0))
+    if phase == "stage" and "score-histogram" not in metrics:
+        return np.zeros(evaluation_length(phase, bins))
     if phase == "stage":
         return np.concatenate([[n], np.asarray(metrics["score-histogram"]), np.asarray(metrics["confusion"])])
     return np.array([n] + [n * float(metrics.get(key, 0.0)) for key in PRETRAIN_METRICS])

@@ -205,3 +205,11 @@ def test_a_relayed_key_that_is_not_the_sites_own_is_refused():
     }
     with pytest.raises(SecAggError, match="not its own"):
         site.shares_reply(ConfigRecord(listing), states[1])
+
+
+def test_a_site_with_nothing_to_score_adds_zeros_of_the_right_length():
+    from common.secagg import evaluation_length, evaluation_vector
+
+    withheld = {"num-examples": 0, "withheld": 1, "min-release-hips": 1}
+    assert np.array_equal(evaluation_vector("stage", withheld, 20), np.zeros(evaluation_length("stage", 20)))
+    assert np.array_equal(evaluation_vector("pretrain", withheld, 20), np.zeros(4))
