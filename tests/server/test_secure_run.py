@@ -10,6 +10,8 @@ masked sums alone.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,23 @@ def test_every_vector_the_server_observed_is_masked_noise(runs):
             assert np.mean(vector >= QUANT_LEVELS) > 0.98, label
         first, second = vectors.values()
         assert np.mean((first + second) >= QUANT_LEVELS) > 0.98  # the sum is masked too until unmasked
+
+
+def test_onfh_evaluate_at_a_site_reproduces_the_federations_per_site_test_auroc(runs, tiny_federation):
+    """The clear run released each site's own test evaluation (1000-bin histograms); the model the
+    site received, scored by ``onfh evaluate`` on the same split of the site's own data, scores the
+    same hips with the same accuracy, and the same AUROC to within the binning where it is defined."""
+    from common.evaluate import evaluate, hip_scores
+
+    _, _, plain_cfg, plain, _ = runs
+    compared = 0
+    for site, released in plain["test"]["sites"].items():
+        folder = Path(plain_cfg.cache_dir) / f"{site}-models" / plain_cfg.run_name
+        scores = hip_scores(tiny_federation / site, folder, ("test",), Path(plain_cfg.cache_dir) / site)
+        report = evaluate(scores)
+        assert report["hips"] == released["num-examples"] > 0
+        assert report["accuracy"] == pytest.approx(released["accuracy"], abs=1e-9)  # same model, same hips
+        if released.get("macro-auroc", -1) >= 0:  # defined where the site's test hips hold 2+ stages
+            assert report["macro-auroc"] == pytest.approx(released["macro-auroc"], abs=0.02)
+        compared += 1
+    assert compared == 2
