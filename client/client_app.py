@@ -149,6 +149,8 @@ def handle_train(msg: Message, context: Context, overrides: dict[str, Any]) -> M
     # FedBN: the site's own normalisation layers live in its cache dir, not in ``context.state``,
     # so that they survive a restart of the site or of the simulation (a resumed run).
     before = tasks.load_local_layers(site, cfg, phase, before=phase_round) if cfg.fedbn else None
+    if cfg.fedbn and before is None and phase == "stage":  # the first staging round: from phase 1's
+        before = tasks.stage_layers_from_pretraining(site, cfg)
     sent = from_record(msg.content["arrays"])
     arrays, metrics, local = tasks.train_round(phase, site, cfg, sent, phase_round, before, deadline.check)
     if cfg.fedbn and local:

@@ -23,6 +23,7 @@ from client.policy import ReleaseBounds
 from common.config import RunConfig, SiteConfig
 from common.files import save_npz_atomic
 from common.models.factory import build_staging, build_translation
+from common.models.transfer import load_pretrained_encoder
 from common.sitedata.load import SiteData, load_site
 from common.training.datasets import HipDataset, PairDataset
 from common.training.device import seed_everything
@@ -110,6 +111,21 @@ def load_local_layers(
         return None
     with np.load(rounds[max(usable)]) as data:
         return {k: data[k] for k in data.files}
+
+
+def stage_layers_from_pretraining(site: SiteConfig, cfg: RunConfig) -> LocalState | None:
+    """FedBN at the phase-1 to phase-2 transfer: the staging network's normalisation layers with the
+    encoder's taken from this site's own pretraining layers (as the server transfers the shared
+    encoder weights); None when the site kept none (no pretraining, or no FedBN then)."""
+    pretrained = load_local_layers(site, cfg, "pretrain")
+    if not cfg.pretrained or not pretrained:
+        return None
+    translation, staging = build_translation(cfg.model), build_staging(cfg.model)
+    set_shared_state(translation, pretrained)
+    load_pretrained_encoder(
+        staging, translation.state_dict()
+    )  # the rest of the encoder is overwritten by the server's
+    return get_local_state(staging)
 
 
 def save_local_layers(

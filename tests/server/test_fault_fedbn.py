@@ -63,3 +63,24 @@ def test_item5_fedbn_layers_stay_under_the_site_cache_whatever_the_run_name(tmp_
         folder = tasks.local_layers_dir(site, cfg, "stage")
         assert folder.resolve().is_relative_to((site.cache_dir / "fedbn").resolve()), name
         assert folder.parent.parent == site.cache_dir / "fedbn", name
+
+
+def test_the_first_staging_round_starts_from_the_sites_own_pretraining_layers(tmp_path):
+    """Issue 15 item 6: at the transfer, a site's staging encoder takes its own phase-1
+    normalisation layers (the server transfers the shared encoder weights), not fresh ones."""
+    from common.models.factory import build_staging, build_translation
+    from common.training.weights import get_local_state, local_norm_keys
+
+    site, cfg = setup(tmp_path)
+    translation = get_local_state(build_translation(cfg.model))
+    mine = {k: (np.full_like(v, 7) if v.dtype.kind == "f" else v) for k, v in translation.items()}
+    tasks.save_local_layers(site, cfg, "pretrain", 2, mine)
+    seeded = tasks.stage_layers_from_pretraining(site, cfg)
+    staging = build_staging(cfg.model)
+    fresh = get_local_state(staging)
+    assert set(seeded) == set(fresh) == local_norm_keys(staging)
+    encoder = [k for k in seeded if k.startswith("encoder.") and seeded[k].dtype.kind == "f"]
+    assert encoder and all((seeded[k] == 7).all() for k in encoder)
+    for key in set(seeded) - set(encoder):  # outside the encoder: as a fresh staging net starts
+        np.testing.assert_array_equal(seeded[key], fresh[key], err_msg=key)
+    assert tasks.stage_layers_from_pretraining(*setup(tmp_path, "no-pretraining")) is None
