@@ -114,8 +114,14 @@ class Door:
             revoked,
             audit_all,
         )
+        # No kept-alive upstream connections: the SuperLink's uvicorn closes an idle one after 5 s,
+        # and a request sent on it as it closes fails (a 502 for an admin polling every few
+        # seconds). A fresh loopback connection per request costs next to nothing.
         self.client = httpx.AsyncClient(
-            base_url=upstream, verify=upstream_tls, timeout=httpx.Timeout(None, connect=10.0)
+            base_url=upstream,
+            verify=upstream_tls,
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
