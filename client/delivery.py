@@ -11,7 +11,6 @@ them), ``run_config.json``, ``model_card.json`` and ``model_card.md``.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,10 +30,9 @@ MODEL_DIR_KEY = "model-dir"  # node config
 
 def model_folder(node_config: Mapping[str, Any], site: SiteConfig, cfg: RunConfig) -> Path:
     """Where this run's delivered model goes (the run name's plain characters name the folder)."""
-    name = re.sub(r"[^\w.-]", "_", site.site_name).lstrip(".") or "site"
+    name = tasks.folder_name(site.site_name, "site")
     root = node_config.get(MODEL_DIR_KEY) or Path(site.cache_dir).absolute().parent / f"{name}-models"
-    run = re.sub(r"[^\w.-]", "_", cfg.run_name or "run").lstrip(".") or "run"
-    return Path(str(root)) / run
+    return Path(str(root)) / tasks.folder_name(cfg.run_name, "run")
 
 
 def save_delivered_model(

@@ -82,13 +82,17 @@ def round_seed(cfg: RunConfig, phase: str, phase_round: int, site_name: str) -> 
     return (cfg.seed * 1_000_003 + zlib.crc32(f"{phase}/{phase_round}/{site_name}".encode())) % (2**31)
 
 
+def folder_name(text: str, default: str) -> str:
+    """``text`` (a site or run name, which may come from the server) as one plain folder name."""
+    return re.sub(r"[^\w.-]", "_", text or default).lstrip(".") or default
+
+
 def local_layers_dir(site: SiteConfig, cfg: RunConfig, phase: str) -> Path:
     """Where FedBN keeps this site's own normalisation layers of one run and phase (never sent).
 
     The run name comes from the server: only its plain characters name a folder of the site.
     """
-    run = re.sub(r"[^\w.-]", "_", cfg.run_name or "run").lstrip(".") or "run"
-    return Path(site.cache_dir) / "fedbn" / run / phase
+    return Path(site.cache_dir) / "fedbn" / folder_name(cfg.run_name, "run") / phase
 
 
 def _saved_rounds(folder: Path) -> dict[int, Path]:
