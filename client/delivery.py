@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from client import tasks
 from common.config import RunConfig, SiteConfig
+from common.evaluate import evaluate, site_scores
 from common.files import save_npz_atomic, write_atomic
 from common.model_card import card_markdown
 from common.models.factory import build_staging
+from common.predict import STAGE_NAMES
 from common.training.weights import set_shared_state
 
 MODEL_DIR_KEY = "model-dir"  # node config
@@ -33,6 +36,19 @@ def model_folder(node_config: Mapping[str, Any], site: SiteConfig, cfg: RunConfi
     name = tasks.folder_name(site.site_name, "site")
     root = node_config.get(MODEL_DIR_KEY) or Path(site.cache_dir).absolute().parent / f"{name}-models"
     return Path(str(root)) / tasks.folder_name(cfg.run_name, "run")
+
+
+def site_validation(net: torch.nn.Module, site: SiteConfig, cfg: RunConfig) -> dict:
+    """This copy scored on the site's own test split (``onfh evaluate``'s figures, patients resampled
+    for the intervals); written into the site's card only."""
+    try:
+        report = evaluate(site_scores(net, tasks.site_data(site, cfg), ("test",)))
+    except ValueError as exc:  # e.g. no labelled test hip here
+        return {"error": str(exc)}
+    keys = ("macro-auroc", *(f"auroc-stage-{s}" for s in STAGE_NAMES), "accuracy", "balanced-accuracy", "ece")
+    figures = {k: (float(report[k]) if np.isfinite(report[k]) else None) for k in keys}
+    return {"hips": report["hips"], "patients": report["patients"], "figures": figures,
+            "ci95": {k: list(v) for k, v in report["ci95"].items()}}  # fmt: skip
 
 
 def save_delivered_model(
@@ -58,7 +74,8 @@ def save_delivered_model(
     )
     save_npz_atomic(folder / "global_model.npz", arrays)
     card = {**card, "site": {"name": site.site_name, "personalised": personalised,
-                             "delivered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}  # fmt: skip
+                             "delivered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "validation": site_validation(net, site, cfg)}}  # fmt: skip
     write_atomic(folder / "run_config.json", json.dumps(cfg.to_dict(), indent=2).encode())
     write_atomic(folder / "model_card.json", json.dumps(card, indent=2).encode())
     write_atomic(folder / "model_card.md", card_markdown(card).encode())

@@ -18,7 +18,19 @@ GROUP = "onfh.verbs"
 DISTRIBUTION = "onfh-fl"
 # The order ``onfh --help`` lists verbs in: a hospital's path through the tool. Verbs not named
 # here (a plugin's) follow in alphabetical order.
-ORDER = ("synth", "check", "simulate", "train", "predict", "evaluate", "provision", "server", "site", "run")
+ORDER = (
+    "synth",
+    "check",
+    "simulate",
+    "train",
+    "predict",
+    "evaluate",
+    "adapt",
+    "provision",
+    "server",
+    "site",
+    "run",
+)
 
 
 def plain(text: str) -> str:

@@ -191,6 +191,9 @@ class RunConfig:
     split_seed: int = 0
     # Synthetic federation (simulation only; deployed sites use node config ``data-dir``).
     data_root: str = "data/federation"
+    # Simulation only: the site folders under ``data-root`` that take part, comma-separated, in
+    # partition order; empty = site-00, site-01, ... (leave-one-site-out trains without one of them).
+    simulated_sites: str = ""
     cache_dir: str = ".cache/onfh"
     output_dir: str = "outputs"
     # Preprocessing (changes the cache key)
@@ -269,6 +272,13 @@ class RunConfig:
             bad("num-malicious-sites", self.num_malicious_sites, "use a number >= 0")
         if self.update_norm_factor != 0 and not self.update_norm_factor >= 1.0:
             bad("update-norm-factor", self.update_norm_factor, "use a factor >= 1, or 0 for no bound")
+        for name in self.simulated_sites.split(","):
+            if name.strip() and (Path(name.strip()).name != name.strip() or name.strip() in (".", "..")):
+                bad(
+                    "simulated-sites",
+                    self.simulated_sites,
+                    "name site folders under data-root, e.g. 'site-00,site-02'",
+                )
         ModelConfig(preset=self.model_preset, fusion=self.fusion, norm=self.norm)  # validates
         check_privacy_settings(self)
 
@@ -295,6 +305,18 @@ class RunConfig:
                 value = str(value)
             values[name] = value
         return cls(**values)
+
+    def simulated_site(self, partition_id: int) -> str:
+        """The site folder a simulated SuperNode of ``partition_id`` reads."""
+        names = [n.strip() for n in self.simulated_sites.split(",") if n.strip()]
+        if not names:
+            return f"site-{partition_id:02d}"
+        if partition_id >= len(names):
+            raise ValueError(
+                f"run config 'simulated-sites' names {len(names)} sites but SuperNode {partition_id} "
+                "started: simulate as many SuperNodes as sites named"
+            )
+        return names[partition_id]
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict, as in pyproject.toml."""
@@ -392,7 +414,7 @@ class SiteConfig:
             cache = Path(str(node_config.get("cache-dir", data_dir.parent / f".{data_dir.name}-cache")))
             return cls(name, data_dir, cache, str(node_config.get("device", run.device)), policy)
         if "partition-id" in node_config:
-            name = f"site-{int(node_config['partition-id']):02d}"
+            name = run.simulated_site(int(node_config["partition-id"]))
             return cls(name, Path(run.data_root) / name, Path(run.cache_dir) / name, run.device, policy)
         raise ValueError(
             "node config has neither 'data-dir' (deployment) nor 'partition-id' (simulation): start the "

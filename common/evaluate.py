@@ -23,12 +23,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from common.predict import STAGE_NAMES, load_model
-from common.sitedata.load import load_site
+from common.sitedata.load import SiteData, load_site
 from common.training.datasets import HipDataset
 from common.training.loops import predict_staging
 
@@ -44,19 +45,22 @@ def hip_scores(site_dir: Path, model_dir: Path, splits: tuple[str, ...], cache: 
     for note in notes:
         print(f"WARNING {note}", file=sys.stderr)
     data = load_site(site_dir, cache, cfg.preprocess, split_seed=cfg.split_seed)
-    mask = np.array([data.split.get(str(k)) in splits for k in data.patient_keys], bool) & (data.stages > 0)
-    if not mask.any():
+    return site_scores(net, data, splits)
+
+
+def site_scores(net: torch.nn.Module, data: SiteData, splits: tuple[str, ...] = ("test",)) -> dict:
+    """:func:`hip_scores` for a site already loaded and a network already built."""
+    images, available, stages = data.staging_set(*splits)
+    if not len(stages):
         raise ValueError(
-            f"{site_dir} has no labelled hip in split(s) {', '.join(splits)}: check its labels.csv"
+            f"{data.name} has no labelled hip in split(s) {', '.join(splits)}: check its labels.csv"
         )
-    probs, labels = predict_staging(
-        net, HipDataset(data.images[mask], data.available[mask], data.stages[mask])
-    )
+    probs, labels = predict_staging(net, HipDataset(images, available, stages))
     return {
         "probs": probs,
         "labels": labels,
-        "patients": np.asarray([str(k) for k in data.patient_keys[mask]]),
-        "available": data.available[mask],
+        "patients": np.asarray([str(k) for k in data.staging_patients(*splits)]),
+        "available": available,
         "protocols": list(data.protocols),
     }
 
@@ -88,6 +92,36 @@ def patient_bootstrap(
             if np.isfinite(value):
                 draws.setdefault(key, []).append(value)
     return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+
+
+def paired_bootstrap(
+    a: np.ndarray,
+    b: np.ndarray,
+    labels: np.ndarray,
+    patients: np.ndarray,
+    reps: int = BOOTSTRAP,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Macro AUROC of scores ``a`` minus that of ``b`` on the same hips: the difference, its 95%
+    interval from resampling patients (both models see the same draw), and a two-sided bootstrap
+    p-value (twice the smaller share of draws on either side of zero)."""
+    rng = np.random.default_rng(seed)
+    unique = np.unique(patients)
+    rows = {p: np.flatnonzero(patients == p) for p in unique}
+    draws = []
+    for _ in range(reps):
+        picked = np.concatenate([rows[p] for p in rng.choice(unique, len(unique), replace=True)])
+        d = (
+            aurocs(a[picked], labels[picked])["macro-auroc"]
+            - aurocs(b[picked], labels[picked])["macro-auroc"]
+        )
+        if np.isfinite(d):
+            draws.append(d)
+    diff = aurocs(a, labels)["macro-auroc"] - aurocs(b, labels)["macro-auroc"]
+    d = np.asarray(draws)
+    p = min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())) if len(d) else float("nan")
+    low, high = np.percentile(d, [2.5, 97.5]) if len(d) else (float("nan"),) * 2
+    return {"difference": float(diff), "ci95": (float(low), float(high)), "p": float(p)}
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:

@@ -18,9 +18,15 @@ INTENDED_USE = (
 KNOWN_LIMITS = (
     "Trained and tested on synthetic hospitals (the phantom of docs/phantom.md), not on patients.",
     "Four outputs, ARCO I-IV: no answer for a healthy hip, and none for ARCO 0.",
-    "The pooled test set is small: the AUROC below has a wide uncertainty; a confidence interval "
-    "needs per-patient scores, which never leave a site (validate at your site before use).",
-    "Not validated at a hospital that did not take part in training.",
+    "The pooled test set is small: read the AUROC with its interval. The server's intervals resample "
+    "hips, not patients (it never learns which hips share a patient), so they are too narrow; this "
+    "site's own figures below resample its patients.",
+    "At a hospital that did not take part, adapt the model first (onfh adapt) and validate it there "
+    "(onfh evaluate): docs/benchmarks.md, Generalisation, measures what is lost and what adapting recovers.",
+)
+CI_METHOD = (
+    "95% bootstrap interval from the pooled score histograms: hips resampled stage by stage, "
+    "patients not kept together"
 )
 
 
@@ -54,9 +60,15 @@ def card_markdown(card: dict[str, Any]) -> str:
             f"| {name} | {counts.get('hips', '-')} | {counts.get('labelled-train', '-')} | "
             f"{counts.get('labelled-val', '-')} | {counts.get('labelled-test', '-')} | {counts.get('pairs', '-')} |"
         )
-    lines += ["", "## Pooled test (all sites)", "", "| figure | value |", "|---|---|"]
+    intervals = card.get("metrics-ci95", {})
+    lines += ["", "## Pooled test (all sites)", "", "| figure | value | 95% CI |", "|---|---|---|"]
     for key, value in metrics.items():
-        lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
+        ci = f"{intervals[key][0]:.3f} - {intervals[key][1]:.3f}" if key in intervals else ""
+        lines.append(
+            f"| {key} | {value:.3f} | {ci} |" if isinstance(value, float) else f"| {key} | {value} | |"
+        )
+    if intervals:
+        lines += ["", f"CI: {card.get('metrics-ci95-method', CI_METHOD)}."]
     if "site" in card:
         site = card["site"]
         lines += [
@@ -70,5 +82,26 @@ def card_markdown(card: dict[str, Any]) -> str:
                 else "the federation's global model."
             ),
         ]
+        validation = site.get("validation")
+        if validation:
+            lines += ["", _validation_markdown(validation)]
     lines += ["", "## Known limits", ""] + [f"- {limit}" for limit in card["known-limits"]]
     return "\n".join(lines) + "\n"
+
+
+def _validation_markdown(v: dict[str, Any]) -> str:
+    """The site's own test of its copy (computed and kept at the site)."""
+    if "error" in v:
+        return f"Validation on this site's test split: not computed ({v['error']})."
+    lines = [
+        f"Validation on this site's own test split ({v['hips']} hips of {v['patients']} patient(s); "
+        "95% CI resamples patients; computed here, never sent):",
+        "",
+        "| figure | value | 95% CI |",
+        "|---|---|---|",
+    ]
+    for key, value in v["figures"].items():
+        ci = v["ci95"].get(key)
+        shown = "- (undefined)" if value is None else f"{value:.3f}"
+        lines.append(f"| {key} | {shown} | " + (f"{ci[0]:.3f} - {ci[1]:.3f} |" if ci else "|"))
+    return "\n".join(lines)

@@ -17,8 +17,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.model_card import INTENDED_USE, KNOWN_LIMITS
+from common.model_card import CI_METHOD, INTENDED_USE, KNOWN_LIMITS
 from common.records import to_record
+from common.training.evaluation import histogram_intervals
 
 log = logging.getLogger("onfh.server")
 
@@ -39,6 +40,7 @@ def model_card(cfg: RunConfig, results: dict, model_round: int) -> dict:
     metrics.update(
         {f"test hips, stage {s}": int(n) for s, n in zip(STAGES, confusion.sum(axis=1), strict=True)}
     )
+    intervals = histogram_intervals(test["score-histogram"]) if test.get("score-histogram") else {}
     return {
         "model": "ONFH staging (ARCO I-IV) from five MR protocols",
         "intended-use": INTENDED_USE,
@@ -57,6 +59,8 @@ def model_card(cfg: RunConfig, results: dict, model_round: int) -> dict:
         "preprocessing": json.dumps(asdict(cfg.preprocess), sort_keys=True),
         "model-settings": json.dumps(asdict(cfg.model), sort_keys=True, default=str),
         "metrics": metrics,
+        "metrics-ci95": {k: list(v) for k, v in intervals.items() if k in metrics},
+        "metrics-ci95-method": CI_METHOD,
         "known-limits": list(KNOWN_LIMITS),
     }
 

@@ -182,7 +182,11 @@ def comparison_table(federated: dict, central: dict, local: dict[str, dict]) -> 
         rows.append(
             [
                 name,
-                int(inventory.get(name, {}).get("labelled-test", fed_sites.get(name, {}).get("num-examples", 0))),
+                int(
+                    inventory.get(name, {}).get(
+                        "labelled-test", fed_sites.get(name, {}).get("num-examples", 0)
+                    )
+                ),
                 fed_sites.get(name, {}).get("macro-auroc"),
                 central.get("sites", {}).get(name, {}).get("macro_auroc"),
                 local.get(name, {}).get("sites", {}).get(name, {}).get("macro_auroc"),

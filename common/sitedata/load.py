@@ -144,6 +144,10 @@ class SiteData:
         mask = self._in(self.patient_keys, splits) & (self.stages > 0)
         return self.images[mask], self.available[mask], self.stages[mask]
 
+    def staging_patients(self, *splits: str) -> np.ndarray:
+        """Patient key of each hip of ``staging_set(*splits)``, in the same order."""
+        return self.patient_keys[self._in(self.patient_keys, splits) & (self.stages > 0)]
+
     def pair_set(self, *splits: str) -> tuple[np.ndarray, np.ndarray]:
         """MR/CT slice pairs of patients in the given splits: ``mr (m, H, W)``, ``ct (m, H, W)``."""
         mask = self._in(self.pair_keys, splits)

@@ -97,3 +97,40 @@ def pooled_staging_metrics(histogram_sum: np.ndarray, confusion_sum: np.ndarray)
         out["qw-kappa"] = float(kappa) if np.isfinite(kappa) else 0.0
     out["confusion"] = confusion.ravel().tolist()  # type: ignore[assignment]
     return out
+
+
+def _histogram_aurocs(negatives: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """AUROC of each row of paired score histograms ``(R, bins)`` (ties in a bin count one half)."""
+    below = np.cumsum(negatives, axis=1) - negatives
+    pairs = negatives.sum(axis=1) * positives.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (positives * (below + 0.5 * negatives)).sum(axis=1) / pairs
+
+
+def histogram_intervals(
+    histogram_sum: np.ndarray, reps: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% intervals of the per-stage and macro AUROC from pooled score histograms alone.
+
+    What the server can compute: each stage's positive and negative histograms are resampled hip by
+    hip (multinomial, their own totals kept), and a draw's macro AUROC is the mean of its stages'.
+    Two hips of one patient, and one hip's four scores, move independently here, so the interval is
+    narrower than one that resamples patients (``onfh evaluate`` at a site computes that one).
+    """
+    hist = np.asarray(histogram_sum, dtype=np.float64).reshape(N_CLASSES, 2, -1).round().astype(np.int64)
+    rng = np.random.default_rng(seed)
+    out: dict[str, tuple[float, float]] = {}
+    draws = []
+    for stage, (negatives, positives) in zip(STAGES, hist, strict=True):
+        if negatives.sum() == 0 or positives.sum() == 0:
+            continue
+        auc = _histogram_aurocs(
+            rng.multinomial(negatives.sum(), negatives / negatives.sum(), reps).astype(np.float64),
+            rng.multinomial(positives.sum(), positives / positives.sum(), reps).astype(np.float64),
+        )
+        draws.append(auc)
+        out[f"auroc-stage-{stage}"] = (float(np.percentile(auc, 2.5)), float(np.percentile(auc, 97.5)))
+    if draws:
+        macro = np.mean(draws, axis=0)
+        out["macro-auroc"] = (float(np.percentile(macro, 2.5)), float(np.percentile(macro, 97.5)))
+    return out

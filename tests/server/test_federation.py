@@ -212,6 +212,12 @@ def test_every_site_receives_the_model_and_a_card_without_identifiers(federated_
         assert set(card["sites"]) == {"site-00", "site-01"}
         assert card["metrics"]["test hips"] == results["test"]["n-hips"]
         assert "does not detect ONFH" in card["intended-use"]
+        for key, (low, high) in card["metrics-ci95"].items():  # from the pooled histograms
+            assert low <= card["metrics"][key] + 1e-9 and card["metrics"][key] <= high + 1e-9, key
+        # the site's own test of its copy, patients resampled, computed where the hips are
+        validation = card["site"]["validation"]
+        test_hips = card["sites"][site]["labelled-test"]
+        assert validation["hips"] == test_hips if test_hips else "error" in validation
         text = (folder / "model_card.md").read_text() + (folder / "model_card.json").read_text()
         assert not [i for i in secrets if i in text]
         assert str(tiny_federation) not in text
