@@ -164,19 +164,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.proximal_mu must be >= 0, got {self.proximal_mu}")
 
 
-STRATEGIES = (
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedavgm",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-    "bulyan",
-)
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian",
+              "fedtrimmedavg", "krum", "multikrum", "bulyan")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -191,8 +180,7 @@ class RunConfig:
     split_seed: int = 0
     # Synthetic federation (simulation only; deployed sites use node config ``data-dir``).
     data_root: str = "data/federation"
-    # Simulation only: the site folders under ``data-root`` that take part, comma-separated, in
-    # partition order; empty = site-00, site-01, ... (leave-one-site-out trains without one of them).
+    # Simulation only: site folders under data-root taking part, comma-separated (empty: site-00, site-01, ...)
     simulated_sites: str = ""
     cache_dir: str = ".cache/onfh"
     output_dir: str = "outputs"
@@ -272,13 +260,8 @@ class RunConfig:
             bad("num-malicious-sites", self.num_malicious_sites, "use a number >= 0")
         if self.update_norm_factor != 0 and not self.update_norm_factor >= 1.0:
             bad("update-norm-factor", self.update_norm_factor, "use a factor >= 1, or 0 for no bound")
-        for name in self.simulated_sites.split(","):
-            if name.strip() and (Path(name.strip()).name != name.strip() or name.strip() in (".", "..")):
-                bad(
-                    "simulated-sites",
-                    self.simulated_sites,
-                    "name site folders under data-root, e.g. 'site-00,site-02'",
-                )
+        if any(Path(n.strip()).name != n.strip() for n in self.simulated_sites.split(",") if n.strip()):
+            bad("simulated-sites", self.simulated_sites, "name folders under data-root: 'site-00,site-02'")
         ModelConfig(preset=self.model_preset, fusion=self.fusion, norm=self.norm)  # validates
         check_privacy_settings(self)
 
@@ -309,14 +292,11 @@ class RunConfig:
     def simulated_site(self, partition_id: int) -> str:
         """The site folder a simulated SuperNode of ``partition_id`` reads."""
         names = [n.strip() for n in self.simulated_sites.split(",") if n.strip()]
-        if not names:
-            return f"site-{partition_id:02d}"
-        if partition_id >= len(names):
+        if names and partition_id >= len(names):
             raise ValueError(
-                f"run config 'simulated-sites' names {len(names)} sites but SuperNode {partition_id} "
-                "started: simulate as many SuperNodes as sites named"
+                f"run config 'simulated-sites' names {len(names)} sites: start {len(names)} SuperNodes"
             )
-        return names[partition_id]
+        return names[partition_id] if names else f"site-{partition_id:02d}"
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict, as in pyproject.toml."""
@@ -373,9 +353,7 @@ def load_run_config(path: Path | None, **overrides: Any) -> RunConfig:
         path: a TOML file of kebab-case run-config keys (``presets/*.toml``), or None.
         overrides: snake_case or kebab-case run-config keys, applied last.
 
-    Raises:
-        ValueError: the file is missing or not TOML, or a key or value is invalid (the message
-            names the file, the key and the fix).
+    Raises ValueError when the file is missing or not TOML, or a key or value is invalid (naming all three).
     """
     raw: dict = {}
     if path is not None:

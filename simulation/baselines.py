@@ -12,8 +12,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import numpy as np
-
 from common.config import RunConfig
 from common.progress import progress_bar
 
@@ -23,8 +21,7 @@ def _job(name: str, site_dirs: list[Path], cfg: RunConfig) -> tuple[str, dict, f
 
     from common.sitedata.load import load_site
     from common.training.centralized import evaluate_sites, train_two_phase
-    from common.training.datasets import HipDataset
-    from common.training.loops import predict_staging
+    from simulation.generalisation import Scored, score_net
 
     torch.set_num_threads(1)
     started = time.time()
@@ -34,11 +31,10 @@ def _job(name: str, site_dirs: list[Path], cfg: RunConfig) -> tuple[str, dict, f
     ]
     net, _ = train_two_phase(sites, cfg)
     result = evaluate_sites(net, sites)
-    if len(sites) == 1:  # local-only: keep the scores so the pooled local AUROC can be computed
-        images, available, stages = sites[0].staging_set("test")
-        if len(stages):
-            probs, labels = predict_staging(net, HipDataset(images, available, stages))
-            result.update(probs=probs.tolist(), labels=labels.tolist())
+    # Hip scores with their patients: pooled AUROCs and intervals that resample patients.
+    parts = [score_net(net, site) for site in sites if len(site.staging_set("test")[2])]
+    if parts:
+        result["scores"] = Scored.join(parts).to_json()
     return name, result, time.time() - started
 
 
@@ -69,12 +65,17 @@ def run_baselines(cfg: RunConfig, site_dirs: list[Path], workers: int = 2) -> tu
     return central, local
 
 
+def pooled_local_scores(local: dict[str, dict]):
+    """The local-only models' hip scores pooled: each site's test hips scored by its own model."""
+    from simulation.generalisation import Scored
+
+    parts = [Scored.from_json(v["scores"]) for v in local.values() if "scores" in v]
+    return Scored.join(parts) if parts else None
+
+
 def pooled_local_auroc(local: dict[str, dict]) -> float | None:
     """Pooled AUROC of the local-only models: each site's test hips scored by its own model."""
     from common.training.metrics import macro_auroc
 
-    probs = [np.asarray(v["probs"]) for v in local.values() if "probs" in v]
-    labels = [np.asarray(v["labels"]) for v in local.values() if "labels" in v]
-    if not probs:
-        return None
-    return macro_auroc(np.concatenate(probs), np.concatenate(labels))
+    pooled = pooled_local_scores(local)
+    return macro_auroc(pooled.probs, pooled.labels) if pooled is not None else None

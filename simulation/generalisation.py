@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common.adapt import adapt_batch_statistics
 from common.config import RunConfig
@@ -83,6 +84,13 @@ def site_data(cfg: RunConfig, site_dir: Path) -> SiteData:
     return load_site(site_dir, Path(cfg.cache_dir) / site_dir.name, cfg.preprocess, split_seed=cfg.split_seed)
 
 
+def score_net(net: torch.nn.Module, data: SiteData) -> Scored:
+    """``net`` on ``data``'s labelled test hips."""
+    scores = site_scores(net, data, ("test",))
+    patients = np.asarray([f"{data.name}/{p}" for p in scores["patients"]])
+    return Scored(scores["probs"], scores["labels"], patients)
+
+
 def score(model_dir: Path, data: SiteData, adapt: bool = False) -> Scored:
     """The model of ``model_dir`` on ``data``'s labelled test hips; ``adapt``: its batch statistics
     first re-estimated on the site's train and val hips (stages not read)."""
@@ -91,9 +99,7 @@ def score(model_dir: Path, data: SiteData, adapt: bool = False) -> Scored:
         images, available, _ = data.staging_set("train", "val")
         adapt_batch_statistics(net, images, available)
         net.eval()
-    scores = site_scores(net, data, ("test",))
-    patients = np.asarray([f"{data.name}/{p}" for p in scores["patients"]])
-    return Scored(scores["probs"], scores["labels"], patients)
+    return score_net(net, data)
 
 
 def federated_model(cfg: RunConfig, sites: list[str], run_name: str) -> Path:

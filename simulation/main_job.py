@@ -27,7 +27,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 from common.config import RunConfig, load_run_config  # noqa: E402
 from common.progress import progress_bar  # noqa: E402
-from simulation.baselines import pooled_local_auroc, run_baselines  # noqa: E402
+from simulation.baselines import run_baselines  # noqa: E402
+from simulation.comparison import pooled_intervals, report  # noqa: E402
 
 log = logging.getLogger("onfh.simulate")
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "default.toml"
@@ -168,84 +169,6 @@ def preprocess_sites(cfg: RunConfig, site_dirs: list[Path], workers: int = 2) ->
             bar.advance()
 
 
-def comparison_table(federated: dict, central: dict, local: dict[str, dict]) -> tuple[list[str], list[list]]:
-    """Rows: each site, then pooled. Columns: federated / centralized / local-only macro AUROC.
-
-    Under secure aggregation the federated model has no per-site figure (the server sees only the
-    sum of the sites' evaluations): its site cells are empty; test hips come from the inventory.
-    """
-    fed_sites = federated["test"].get("sites", {})
-    inventory = federated.get("history", {}).get("inventory", {})
-    names = sorted(set(fed_sites) | set(central.get("sites", {})))
-    rows = []
-    for name in names:
-        rows.append(
-            [
-                name,
-                int(
-                    inventory.get(name, {}).get(
-                        "labelled-test", fed_sites.get(name, {}).get("num-examples", 0)
-                    )
-                ),
-                fed_sites.get(name, {}).get("macro-auroc"),
-                central.get("sites", {}).get(name, {}).get("macro_auroc"),
-                local.get(name, {}).get("sites", {}).get(name, {}).get("macro_auroc"),
-            ]
-        )
-    local_pooled = pooled_local_auroc(local)
-    rows.append(
-        [
-            "pooled",
-            int(federated["test"].get("n-hips", 0)),
-            federated["test"].get("macro-auroc"),
-            central.get("pooled", {}).get("macro_auroc"),
-            local_pooled,
-        ]
-    )
-    header = ["site", "test hips", "federated", "centralized", "local-only"]
-    # An AUROC is undefined (NaN, or -1 from a site) where a test set holds a single stage.
-    rows = [[None if isinstance(v, float) and (v != v or v < 0) else v for v in row] for row in rows]
-    return header, rows
-
-
-def format_table(header: list[str], rows: list[list]) -> str:
-    def cell(v):
-        if v is None or (isinstance(v, float) and (v != v or v < 0)):  # NaN or -1: undefined here
-            return "-"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def plot_comparison(header: list[str], rows: list[list], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = [r[0] for r in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
-    for i, label in enumerate(header[2:]):
-        values = [r[2 + i] if isinstance(r[2 + i], float) and r[2 + i] >= 0 else np.nan for r in rows]
-        ax.bar(x + (i - 1) * 0.27, values, width=0.27, label=label)
-    ax.set(
-        xticks=x,
-        xticklabels=names,
-        ylabel="test macro AUROC",
-        ylim=(0.4, 1.0),
-        title="Federated vs centralized vs local-only (held-out hips)",
-    )
-    ax.axhline(0.5, color="k", lw=0.5, ls=":")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onfh simulate",
@@ -308,41 +231,6 @@ def _log_progress_lines() -> None:
     onfh_log.propagate = False
 
 
-def report(cfg: RunConfig, federated: dict, central: dict, local: dict, seconds: dict) -> None:
-    """Write comparison.json/.md/.png beside the run's results and print the table."""
-    header, rows = comparison_table(federated, central, local)
-    privacy = federated.get("privacy", {})
-    if privacy.get("enabled"):  # the federated column says what privacy it bought (server/privacy.py)
-        eps = privacy.get("epsilon-total")
-        header[2] = f"federated, DP eps {eps:.3g} at delta {privacy['delta']:g}" if eps else "federated, DP"
-    table = format_table(header, rows)
-    fed_pooled, central_pooled = rows[-1][2], rows[-1][3]
-    ratio = fed_pooled / central_pooled if fed_pooled and central_pooled else None
-    summary = {
-        "table": {"header": header, "rows": rows},
-        "federated-over-centralized": ratio,
-        "federated-seconds": seconds["federated"],
-        "total-seconds": seconds["total"],
-        "failures": federated.get("failures", []),
-        "privacy": privacy,
-    }
-    (cfg.run_dir / "comparison.json").write_text(json.dumps(summary, indent=2))
-    (cfg.run_dir / "comparison.md").write_text(table + "\n")
-    plot_comparison(header, rows, cfg.run_dir / "comparison.png")
-    print("\nTest macro AUROC on held-out synthetic hips (per site and pooled):\n")
-    print(table)
-    if federated["config"].get("secure-aggregation"):
-        print(
-            "\nfederated: secure aggregation on, the server saw only the sum of the sites' evaluations, "
-            "so the federated model has a pooled figure only"
-        )
-    if ratio:
-        print(f"\nfederated / centralized = {ratio:.3f}")
-    if summary["failures"]:
-        print(f"\n{len(summary['failures'])} site failures recorded in {cfg.run_dir / 'results.json'}")
-    print(f"\ndone in {summary['total-seconds'] / 60:.1f} min; outputs in {cfg.run_dir}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_progress_lines()
@@ -380,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_baselines:
         print("[4/4] centralized and local-only baselines on the same splits", flush=True)
         central, local = run_baselines(cfg, site_dirs)
-    report(cfg, federated, central, local, {"federated": fed_seconds, "total": time.time() - started})
+    intervals = pooled_intervals(cfg, site_dirs, central, local)
+    seconds = {"federated": fed_seconds, "total": time.time() - started}
+    report(cfg, federated, central, local, seconds, intervals)
     return 0
 
 

@@ -1,0 +1,173 @@
+"""The main job's comparison: federated vs centralized vs local-only, per site and pooled.
+
+A table (Markdown, printed), ``comparison.json`` and a bar chart beside the run's results; each
+column's pooled figure comes with a 95% interval that resamples patients.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.config import RunConfig
+from simulation.baselines import pooled_local_auroc, pooled_local_scores
+
+
+def comparison_table(federated: dict, central: dict, local: dict[str, dict]) -> tuple[list[str], list[list]]:
+    """Rows: each site, then pooled. Columns: federated / centralized / local-only macro AUROC.
+
+    Under secure aggregation the federated model has no per-site figure (the server sees only the
+    sum of the sites' evaluations): its site cells are empty; test hips come from the inventory.
+    """
+    fed_sites = federated["test"].get("sites", {})
+    inventory = federated.get("history", {}).get("inventory", {})
+    names = sorted(set(fed_sites) | set(central.get("sites", {})))
+    rows = []
+    for name in names:
+        rows.append(
+            [
+                name,
+                int(
+                    inventory.get(name, {}).get(
+                        "labelled-test", fed_sites.get(name, {}).get("num-examples", 0)
+                    )
+                ),
+                fed_sites.get(name, {}).get("macro-auroc"),
+                central.get("sites", {}).get(name, {}).get("macro_auroc"),
+                local.get(name, {}).get("sites", {}).get(name, {}).get("macro_auroc"),
+            ]
+        )
+    local_pooled = pooled_local_auroc(local)
+    rows.append(
+        [
+            "pooled",
+            int(federated["test"].get("n-hips", 0)),
+            federated["test"].get("macro-auroc"),
+            central.get("pooled", {}).get("macro_auroc"),
+            local_pooled,
+        ]
+    )
+    header = ["site", "test hips", "federated", "centralized", "local-only"]
+    # An AUROC is undefined (NaN, or -1 from a site) where a test set holds a single stage.
+    rows = [[None if isinstance(v, float) and (v != v or v < 0) else v for v in row] for row in rows]
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if v is None or (isinstance(v, float) and (v != v or v < 0)):  # NaN or -1: undefined here
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_comparison(header: list[str], rows: list[list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [r[0] for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
+    for i, label in enumerate(header[2:]):
+        values = [r[2 + i] if isinstance(r[2 + i], float) and r[2 + i] >= 0 else np.nan for r in rows]
+        ax.bar(x + (i - 1) * 0.27, values, width=0.27, label=label)
+    ax.set(
+        xticks=x,
+        xticklabels=names,
+        ylabel="test macro AUROC",
+        ylim=(0.4, 1.0),
+        title="Federated vs centralized vs local-only (held-out hips)",
+    )
+    ax.axhline(0.5, color="k", lw=0.5, ls=":")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pooled_intervals(cfg: RunConfig, site_dirs: list[Path], central: dict, local: dict) -> dict[str, dict]:
+    """Each column's pooled test figures with 95% intervals that resample patients.
+
+    The simulation may read every site, so it scores each site's test hips with the model that site
+    received (personalised under FedBN). A real federation's server cannot: its model card carries
+    intervals from the pooled histograms, and each site validates its own copy.
+    """
+    from simulation.generalisation import Scored, delivered_model, score, site_data
+
+    parts = []
+    for site_dir in site_dirs:
+        folder = delivered_model(cfg, site_dir.name, cfg.run_name)
+        data = site_data(cfg, site_dir) if (folder / "final_model.npz").is_file() else None
+        if data is not None and len(data.staging_set("test")[2]):
+            parts.append(score(folder, data))
+    columns = {
+        "federated": Scored.join(parts) if parts else None,
+        "centralized": Scored.from_json(central["scores"]) if "scores" in central else None,
+        "local-only": pooled_local_scores(local),
+    }
+    return {name: scored.summary() for name, scored in columns.items() if scored is not None}
+
+
+def _interval(summary: dict | None) -> str:
+    ci = (summary or {}).get("ci95", {}).get("macro-auroc")
+    return f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
+
+
+def report(
+    cfg: RunConfig, federated: dict, central: dict, local: dict, seconds: dict, intervals: dict | None = None
+) -> None:
+    """Write comparison.json/.md/.png beside the run's results and print the table."""
+    header, rows = comparison_table(federated, central, local)
+    intervals = intervals or {}
+    privacy = federated.get("privacy", {})
+    if privacy.get("enabled"):  # the federated column says what privacy it bought (server/privacy.py)
+        eps = privacy.get("epsilon-total")
+        header[2] = f"federated, DP eps {eps:.3g} at delta {privacy['delta']:g}" if eps else "federated, DP"
+    table = format_table(header, rows)
+    if intervals:
+        columns = ("federated", "centralized", "local-only")
+        table += (
+            "\n| pooled, 95% CI (patients resampled) | | "
+            + " | ".join(_interval(intervals.get(c)) for c in columns)
+            + " |"
+        )
+    fed_pooled, central_pooled = rows[-1][2], rows[-1][3]
+    ratio = fed_pooled / central_pooled if fed_pooled and central_pooled else None
+    summary = {
+        "table": {"header": header, "rows": rows},
+        "federated-over-centralized": ratio,
+        "federated-seconds": seconds["federated"],
+        "total-seconds": seconds["total"],
+        "failures": federated.get("failures", []),
+        "privacy": privacy,
+        "pooled-patient-level": {
+            name: {k: v[k] for k in ("hips", "patients", "macro-auroc", "ci95", "accuracy")}
+            for name, v in intervals.items()
+        },
+    }
+    (cfg.run_dir / "comparison.json").write_text(json.dumps(summary, indent=2))
+    (cfg.run_dir / "comparison.md").write_text(table + "\n")
+    plot_comparison(header, rows, cfg.run_dir / "comparison.png")
+    print("\nTest macro AUROC on held-out synthetic hips (per site and pooled):\n")
+    print(table)
+    if federated["config"].get("secure-aggregation"):
+        print(
+            "\nfederated: secure aggregation on, the server saw only the sum of the sites' evaluations, "
+            "so the federated model has a pooled figure only"
+        )
+    if intervals:
+        print(
+            "\n95% CI: 1000 bootstrap draws of patients (both hips together); federated: each site's test "
+            "hips scored by the model delivered to it"
+        )
+    if ratio:
+        print(f"\nfederated / centralized = {ratio:.3f}")
+    if summary["failures"]:
+        print(f"\n{len(summary['failures'])} site failures recorded in {cfg.run_dir / 'results.json'}")
+    print(f"\ndone in {summary['total-seconds'] / 60:.1f} min; outputs in {cfg.run_dir}")
