@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import PRESETS, command, machine, markdown, write_json
+from common.files import json_safe
 from simulation.generalisation import (
     Scored,
     centralized_model,
@@ -251,7 +252,7 @@ def report(args: argparse.Namespace, argv: list[str] | None) -> dict:
     results["summaries"] = summaries
     for name, table in results["tables"].items():
         print(f"\n{name}\n\n" + markdown(table["header"], table["rows"]))
-    write_json(args.out, results)
+    write_json(args.out, json_safe(results))
     plot(results, args.figures)
     return results
 

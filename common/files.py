@@ -6,6 +6,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,3 +58,16 @@ def user_cache_dir(*parts: str) -> Path:
         if level.stat().st_uid == os.getuid():
             level.chmod(0o700)
     return folder
+
+
+def json_safe(value: Any) -> Any:
+    """Nested dicts/lists with NaN/inf replaced by None and numpy scalars by Python ones (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

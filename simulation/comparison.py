@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from common.config import RunConfig
+from common.files import json_safe
 from simulation.baselines import pooled_local_auroc, pooled_local_scores
 
 
@@ -114,6 +115,24 @@ def pooled_intervals(cfg: RunConfig, site_dirs: list[Path], central: dict, local
     return {name: scored.summary() for name, scored in columns.items() if scored is not None}
 
 
+def pooled_figures_table(intervals: dict[str, dict]) -> str:
+    """Beside each column's macro AUROC: the figures a reader of a staging paper looks for."""
+    header = [
+        "model",
+        "macro AUROC (95% CI)",
+        "balanced accuracy",
+        "QW kappa",
+        "ECE",
+        "sensitivity I/II/III/IV",
+    ]
+    rows = [
+        [name, f"{v['macro-auroc']:.3f} ({_interval(v)})", f"{v['balanced-accuracy']:.3f}", f"{v['qw-kappa']:.3f}",
+         f"{v['ece']:.3f}", "/".join("-" if x != x else f"{x:.2f}" for x in v["sensitivity"])]
+        for name, v in intervals.items()
+    ]  # fmt: skip
+    return format_table(header, rows)
+
+
 def _interval(summary: dict | None) -> str:
     ci = (summary or {}).get("ci95", {}).get("macro-auroc")
     return f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
@@ -146,13 +165,12 @@ def report(
         "total-seconds": seconds["total"],
         "failures": federated.get("failures", []),
         "privacy": privacy,
-        "pooled-patient-level": {
-            name: {k: v[k] for k in ("hips", "patients", "macro-auroc", "ci95", "accuracy")}
-            for name, v in intervals.items()
-        },
+        "pooled-patient-level": intervals,
     }
-    (cfg.run_dir / "comparison.json").write_text(json.dumps(summary, indent=2))
-    (cfg.run_dir / "comparison.md").write_text(table + "\n")
+    (cfg.run_dir / "comparison.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+    (cfg.run_dir / "comparison.md").write_text(
+        table + "\n\n" + (pooled_figures_table(intervals) + "\n" if intervals else "")
+    )
     plot_comparison(header, rows, cfg.run_dir / "comparison.png")
     print("\nTest macro AUROC on held-out synthetic hips (per site and pooled):\n")
     print(table)
@@ -162,6 +180,8 @@ def report(
             "so the federated model has a pooled figure only"
         )
     if intervals:
+        print("\nPooled test figures (sensitivity per stage I/II/III/IV):\n")
+        print(pooled_figures_table(intervals))
         print(
             "\n95% CI: 1000 bootstrap draws of patients (both hips together); federated: each site's test "
             "hips scored by the model delivered to it"

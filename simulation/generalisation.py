@@ -23,10 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import cohen_kappa_score
 
 from common.adapt import adapt_batch_statistics
 from common.config import RunConfig
-from common.evaluate import aurocs, paired_bootstrap, patient_bootstrap, site_scores
+from common.evaluate import (
+    aurocs,
+    expected_calibration_error,
+    paired_bootstrap,
+    patient_bootstrap,
+    site_scores,
+)
 from common.predict import load_model
 from common.sitedata.load import SiteData, load_site
 
@@ -49,14 +56,31 @@ class Scored:
         )
 
     def summary(self, reps: int = 1000) -> dict:
-        """Macro and per-stage AUROC with 95% intervals that resample patients; hip and patient counts."""
-        figures = aurocs(self.probs, self.labels)
+        """Macro and per-stage AUROC with 95% intervals that resample patients; hip and patient counts;
+        accuracy, balanced accuracy, quadratic-weighted kappa, calibration error of the predicted stage,
+        per-stage sensitivity and specificity, and the confusion matrix (rows: true stage I-IV)."""
+        predicted = self.probs.argmax(1)
+        confusion = np.zeros((4, 4), int)
+        np.add.at(confusion, (self.labels, predicted), 1)
+        true, called = confusion.sum(1), confusion.sum(0)
+        negatives = len(self.labels) - true
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sensitivity = np.diag(confusion) / true
+            specificity = (negatives - (called - np.diag(confusion))) / negatives
         return {
             "hips": int(len(self.labels)),
             "patients": int(len(np.unique(self.patients))),
-            **figures,
+            **aurocs(self.probs, self.labels),
             "ci95": patient_bootstrap(self.probs, self.labels, self.patients, reps),
-            "accuracy": float((self.probs.argmax(1) == self.labels).mean()),
+            "accuracy": float((predicted == self.labels).mean()),
+            "balanced-accuracy": float(np.nanmean(sensitivity)) if true.any() else float("nan"),
+            "qw-kappa": float(
+                cohen_kappa_score(self.labels, predicted, labels=range(4), weights="quadratic")
+            ),
+            "ece": expected_calibration_error(self.probs.max(1), predicted == self.labels),
+            "sensitivity": [float(v) for v in sensitivity],
+            "specificity": [float(v) for v in specificity],
+            "confusion": confusion.tolist(),
         }
 
     def versus(self, other: Scored, reps: int = 1000) -> dict:

@@ -14,12 +14,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from common.config import RunConfig, load_run_config
+from common.files import json_safe
 from common.models.factory import build_staging, build_translation
 from common.models.staging import StagingNet
 from common.models.transfer import load_pretrained_encoder
@@ -168,19 +168,6 @@ def _plain(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, list))}
 
 
-def _json_safe(value: Any) -> Any:
-    """Nested dicts/lists with NaN/inf replaced by None and numpy scalars by Python ones (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def save_model(net: StagingNet, cfg: RunConfig, out_dir: Path, results: dict) -> None:
     """Write the run folder ``onfh predict --model`` reads.
 
@@ -191,7 +178,7 @@ def save_model(net: StagingNet, cfg: RunConfig, out_dir: Path, results: dict) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     np.savez(out_dir / "final_model.npz", **{k: v.cpu().numpy() for k, v in net.state_dict().items()})
-    (out_dir / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
+    (out_dir / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
 
 
 def _auroc_line(metrics: dict) -> str:

@@ -1,7 +1,7 @@
 """``onfh simulate`` end to end on a tiny federation, baselines included: the comparison table carries
 each column's pooled AUROC with an interval that resamples patients, and the federated column's
-hip-by-hip figure, scored by the simulation with the models the sites received, agrees with the
-server's pooled figure from the sites' histograms."""
+hip-by-hip figures, scored by the simulation with the models the sites received, agree with the
+server's pooled test from the sites' aggregates."""
 
 from __future__ import annotations
 
@@ -35,18 +35,20 @@ def simulated(tmp_path_factory):
 def test_the_table_shows_patient_level_intervals_for_every_column(simulated):
     rc, stdout, run_dir = simulated
     assert rc == 0
-    summary = json.loads((run_dir / "comparison.json").read_text())
+    summary = json.loads((run_dir / "comparison.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     pooled = summary["pooled-patient-level"]
     assert set(pooled) == {"federated", "centralized", "local-only"}
     results = json.loads((run_dir / "results.json").read_text())
     for name, figures in pooled.items():
         assert figures["hips"] == results["test"]["n-hips"], name  # the same held-out hips
         assert 0 < figures["patients"] <= figures["hips"]  # patients, not hips, are resampled
+        assert len(figures["sensitivity"]) == 4 and sum(map(sum, figures["confusion"])) == figures["hips"]
         interval = figures["ci95"].get("macro-auroc")
         if interval:
             assert interval[0] <= figures["macro-auroc"] <= interval[1]
-    server = results["test"]["macro-auroc"]
-    if server == server and server >= 0:  # defined: the 1000-bin histogram figure is the exact one to ~1e-3
-        assert pooled["federated"]["macro-auroc"] == pytest.approx(server, abs=5e-3)
+    # The same model on the same hips as the server's pooled test: the same predicted stages. (Its
+    # AUROC comes from 200-bin histograms here, the tiny preset's; ties in a bin move a tiny set's.)
+    assert pooled["federated"]["accuracy"] == pytest.approx(results["test"]["accuracy"], abs=1e-9)
     assert "pooled, 95% CI (patients resampled)" in stdout
-    assert "pooled, 95% CI (patients resampled)" in (run_dir / "comparison.md").read_text()
+    table = (run_dir / "comparison.md").read_text()
+    assert "pooled, 95% CI (patients resampled)" in table and "balanced accuracy" in table
