@@ -16,7 +16,6 @@ resample patients, and two models scored on the same hips can be compared pairwi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from sklearn.metrics import cohen_kappa_score
 
 from common.adapt import adapt_batch_statistics
-from common.config import RunConfig
+from common.config import RunConfig, SiteConfig
 from common.evaluate import (
     aurocs,
     expected_calibration_error,
@@ -138,9 +137,11 @@ def federated_model(cfg: RunConfig, sites: list[str], run_name: str) -> Path:
 
 
 def delivered_model(cfg: RunConfig, site: str, run_name: str) -> Path:
-    """Where a simulated site keeps the model delivered at the end of run ``run_name``
-    (client/delivery.py: ``SITE-models/RUN`` beside the site's cache)."""
-    return Path(cfg.cache_dir) / f"{site}-models" / run_name
+    """Where a simulated site keeps the model delivered at the end of run ``run_name``."""
+    from client.delivery import model_folder
+
+    where = SiteConfig(site, Path(cfg.data_root) / site, Path(cfg.cache_dir) / site)
+    return model_folder({}, where, cfg.replace(run_name=run_name))
 
 
 def centralized_model(cfg: RunConfig, site_dirs: list[Path], out: Path) -> Path:
@@ -186,8 +187,3 @@ def leave_one_site_out(
             scores["centralized+adabn"] = score(central, data, adapt=True)
         folds[held_out.name] = {"federated": run_dir, "centralized": central, "scores": scores}
     return folds
-
-
-def write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, allow_nan=True))
