@@ -28,6 +28,7 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from common.cli import description
 from common.predict import STAGE_NAMES, load_model
 from common.sitedata.load import SiteData, load_site
 from common.training.datasets import HipDataset
@@ -250,7 +251,7 @@ def _table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``onfh evaluate``: 0 on success, 2 on a user error, with a message naming the file and the fix."""
-    parser = argparse.ArgumentParser(prog="onfh evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="onfh evaluate", description=description(__doc__))
     parser.add_argument("site_dir", type=Path, help="the site's export: DICOM folders + labels.csv")
     parser.add_argument("--model", type=Path, required=True, help="model folder (delivered, or a run folder)")
     parser.add_argument("--split", default="test", choices=("test", "val", "train", "all"))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import description
 from common.config import RunConfig
 from common.models.factory import build_staging
 from common.models.staging import StagingNet
@@ -204,7 +205,7 @@ def plot_attention(site: SiteData, probs: np.ndarray, attention: dict[str, torch
 
 def main(argv: list[str] | None = None) -> int:
     """``onfh predict``: 0 on success, 2 on a user error (bad folder or model), with a message."""
-    parser = argparse.ArgumentParser(prog="onfh predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="onfh predict", description=description(__doc__))
     parser.add_argument("study_dir", type=Path, help="folder with the study's DICOM (any structure)")
     parser.add_argument(
         "--model", type=Path, required=True, help="run folder with final_model.npz + run_config.json"
