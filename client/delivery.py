@@ -73,8 +73,12 @@ def save_delivered_model(
         folder / "final_model.npz", {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
     )
     save_npz_atomic(folder / "global_model.npz", arrays)
+    data = tasks.site_data(site, cfg)
+    by_stage = {split: np.bincount(data.staging_set(split)[2], minlength=5)[1:].tolist()
+                for split in ("train", "val", "test")}  # fmt: skip
     card = {**card, "site": {"name": site.site_name, "personalised": personalised,
                              "delivered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "labelled-hips-by-stage": by_stage,
                              "validation": site_validation(net, site, cfg)}}  # fmt: skip
     write_atomic(folder / "run_config.json", json.dumps(cfg.to_dict(), indent=2).encode())
     write_atomic(folder / "model_card.json", json.dumps(card, indent=2).encode())

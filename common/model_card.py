@@ -82,6 +82,10 @@ def card_markdown(card: dict[str, Any]) -> str:
                 else "the federation's global model."
             ),
         ]
+        by_stage = site.get("labelled-hips-by-stage")
+        if by_stage:
+            lines += ["", "This site's labelled hips by stage (I/II/III/IV; kept here): "
+                      + ", ".join(f"{split} {'/'.join(map(str, n))}" for split, n in by_stage.items())]  # fmt: skip
         validation = site.get("validation")
         if validation:
             lines += ["", _validation_markdown(validation)]

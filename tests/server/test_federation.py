@@ -216,6 +216,10 @@ def test_every_site_receives_the_model_and_a_card_without_identifiers(federated_
             assert low <= card["metrics"][key] + 1e-9 and card["metrics"][key] <= high + 1e-9, key
         # the site's own test of its copy, patients resampled, computed where the hips are
         validation = card["site"]["validation"]
+        by_stage = card["site"]["labelled-hips-by-stage"]
+        assert [sum(by_stage[s]) for s in ("train", "val", "test")] == [
+            card["sites"][site][f"labelled-{s}"] for s in ("train", "val", "test")
+        ]
         test_hips = card["sites"][site]["labelled-test"]
         assert validation["hips"] == test_hips if test_hips else "error" in validation
         text = (folder / "model_card.md").read_text() + (folder / "model_card.json").read_text()
