@@ -46,15 +46,18 @@ def hip_scores(site_dir: Path, model_dir: Path, splits: tuple[str, ...], cache: 
     for note in notes:
         print(f"WARNING {note}", file=sys.stderr)
     data = load_site(site_dir, cache, cfg.preprocess, split_seed=cfg.split_seed)
-    return site_scores(net, data, splits)
+    return site_scores(net, data, splits, where=str(site_dir))
 
 
-def site_scores(net: torch.nn.Module, data: SiteData, splits: tuple[str, ...] = ("test",)) -> dict:
-    """:func:`hip_scores` for a site already loaded and a network already built."""
+def site_scores(
+    net: torch.nn.Module, data: SiteData, splits: tuple[str, ...] = ("test",), where: str | None = None
+) -> dict:
+    """:func:`hip_scores` for a site already loaded and a network already built (``where``: the
+    site's folder, for messages)."""
     images, available, stages = data.staging_set(*splits)
     if not len(stages):
         raise ValueError(
-            f"{data.name} has no labelled hip in split(s) {', '.join(splits)}: check its labels.csv"
+            f"{where or data.name} has no labelled hip in split(s) {', '.join(splits)}: check its labels.csv"
         )
     probs, labels = predict_staging(net, HipDataset(images, available, stages))
     return {
