@@ -52,6 +52,7 @@ from simulation.generalisation import (
     federated_model,
     leave_one_site_out,
     score,
+    score_net,
     site_data,
 )
 
@@ -103,7 +104,6 @@ def prepare(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> None:
     from common.adapt import adapt
-    from common.evaluate import site_scores
     from common.predict import load_model
 
     cfg, sites, foreign_cfg, foreign = prepare(args)
@@ -144,8 +144,7 @@ def run(args: argparse.Namespace) -> None:
     def adapted(labels: int | None, draw: int) -> Scored:
         net, run_cfg, _ = load_model(fedavg)
         adapt(net, run_cfg, foreign_data, labels, seed=draw)
-        raw = site_scores(net, foreign_data, ("test",))
-        return Scored(raw["probs"], raw["labels"], np.asarray([f"foreign/{p}" for p in raw["patients"]]))
+        return score_net(net, foreign_data)
 
     for n in LATE_LABELS:
         for draw in range(LATE_DRAWS):

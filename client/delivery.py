@@ -26,6 +26,7 @@ from common.files import save_npz_atomic, write_atomic
 from common.model_card import card_markdown
 from common.models.factory import build_staging
 from common.predict import STAGE_NAMES
+from common.sitedata.load import SiteData
 from common.training.weights import set_shared_state
 
 MODEL_DIR_KEY = "model-dir"  # node config
@@ -38,11 +39,11 @@ def model_folder(node_config: Mapping[str, Any], site: SiteConfig, cfg: RunConfi
     return Path(str(root)) / tasks.folder_name(cfg.run_name, "run")
 
 
-def site_validation(net: torch.nn.Module, site: SiteConfig, cfg: RunConfig) -> dict:
+def site_validation(net: torch.nn.Module, data: SiteData) -> dict:
     """This copy scored on the site's own test split (``onfh evaluate``'s figures, patients resampled
     for the intervals); written into the site's card only."""
     try:
-        report = evaluate(site_scores(net, tasks.site_data(site, cfg), ("test",)))
+        report = evaluate(site_scores(net, data, ("test",)))
     except ValueError as exc:  # e.g. no labelled test hip here
         return {"error": str(exc)}
     keys = ("macro-auroc", *(f"auroc-stage-{s}" for s in STAGE_NAMES), "accuracy", "balanced-accuracy", "ece")
@@ -79,7 +80,7 @@ def save_delivered_model(
     card = {**card, "site": {"name": site.site_name, "personalised": personalised,
                              "delivered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "labelled-hips-by-stage": by_stage,
-                             "validation": site_validation(net, site, cfg)}}  # fmt: skip
+                             "validation": site_validation(net, data)}}  # fmt: skip
     write_atomic(folder / "run_config.json", json.dumps(cfg.to_dict(), indent=2).encode())
     write_atomic(folder / "model_card.json", json.dumps(card, indent=2).encode())
     write_atomic(folder / "model_card.md", card_markdown(card).encode())

@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,16 +83,22 @@ def aurocs(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return out
 
 
+def patient_draws(patients: np.ndarray, reps: int, seed: int) -> Iterator[np.ndarray]:
+    """Hip indices of ``reps`` bootstrap samples that draw patients with replacement (a patient's
+    hips always together)."""
+    rng = np.random.default_rng(seed)
+    unique = np.unique(patients)
+    rows = {p: np.flatnonzero(patients == p) for p in unique}
+    for _ in range(reps):
+        yield np.concatenate([rows[p] for p in rng.choice(unique, len(unique), replace=True)])
+
+
 def patient_bootstrap(
     probs: np.ndarray, labels: np.ndarray, patients: np.ndarray, reps: int = BOOTSTRAP, seed: int = 0
 ) -> dict[str, tuple[float, float]]:
     """95% percentile intervals of every AUROC from resampling patients with replacement."""
-    rng = np.random.default_rng(seed)
-    unique = np.unique(patients)
-    rows = {p: np.flatnonzero(patients == p) for p in unique}
     draws: dict[str, list[float]] = {}
-    for _ in range(reps):
-        picked = np.concatenate([rows[p] for p in rng.choice(unique, len(unique), replace=True)])
+    for picked in patient_draws(patients, reps, seed):
         for key, value in aurocs(probs[picked], labels[picked]).items():
             if np.isfinite(value):
                 draws.setdefault(key, []).append(value)
@@ -109,12 +116,8 @@ def paired_bootstrap(
     """Macro AUROC of scores ``a`` minus that of ``b`` on the same hips: the difference, its 95%
     interval from resampling patients (both models see the same draw), and a two-sided bootstrap
     p-value (twice the smaller share of draws on either side of zero)."""
-    rng = np.random.default_rng(seed)
-    unique = np.unique(patients)
-    rows = {p: np.flatnonzero(patients == p) for p in unique}
     draws = []
-    for _ in range(reps):
-        picked = np.concatenate([rows[p] for p in rng.choice(unique, len(unique), replace=True)])
+    for picked in patient_draws(patients, reps, seed):
         d = (
             aurocs(a[picked], labels[picked])["macro-auroc"]
             - aurocs(b[picked], labels[picked])["macro-auroc"]
