@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from simulation.phantom.difficulty import EASY, Difficulty
 from simulation.phantom.shapes import dist, dot, floats, random_unit, unit
 
 SIDE_SIGN = {"R": -1.0, "L": 1.0}  # the patient's right hip has x < 0 in LPS
@@ -42,6 +43,7 @@ class Lesion:
     crescent_mm: float = 0.0  # subchondral fracture cleft width (stage >= III)
     depression_mm: float = 0.0  # head flattening (stage >= III)
     necrotic_fraction: float = 0.0  # share of the head volume that is necrotic
+    rim: str = "band"  # "band" (stage I's reactive interface) or "double" (double line, stage >= II)
 
     def truth(self) -> dict:
         """JSON-ready description of the lesion's geometry."""
@@ -63,6 +65,7 @@ class Lesion:
             ],
             "crescent_mm": round(self.crescent_mm, 2),
             "depression_mm": round(self.depression_mm, 2),
+            "rim": self.rim,
         }
 
 
@@ -81,6 +84,7 @@ class Hip:
     lesion: Lesion | None = None
     acetabular_cysts: list[tuple[np.ndarray, float]] = field(default_factory=list)
     osteophyte_mm: float = 0.0
+    acetabular_sclerosis: bool = False
     effusion_mm: float = 0.0  # joint effusion distending the capsule (0 = none)
 
     @property
@@ -104,6 +108,8 @@ class Hip:
                 {"centre_mm": [round(float(v), 2) for v in c], "radius_mm": round(r, 2)}
                 for c, r in self.acetabular_cysts
             ],
+            "acetabular_sclerosis": self.acetabular_sclerosis,
+            "osteophyte_mm": round(self.osteophyte_mm, 2),
         }
 
 
@@ -120,18 +126,32 @@ class Patient:
     red_marrow: float  # mean red-marrow share of femoral marrow
 
 
-def make_lesion(rng: np.random.Generator, stage: int, centre: np.ndarray, radius: float, side: str) -> Lesion:
+def make_lesion(
+    rng: np.random.Generator,
+    stage: int,
+    centre: np.ndarray,
+    radius: float,
+    side: str,
+    difficulty: Difficulty = EASY,
+    cue_rng: np.random.Generator | None = None,
+) -> Lesion:
     """Draw a lesion of ARCO ``stage`` (1-4) for a head at ``centre`` with ``radius``.
 
-    The extent is drawn independently of the stage; stage decides which features exist.
+    The extent is drawn independently of the stage; stage decides which features exist, and
+    ``difficulty`` how reliably (its draws come from ``cue_rng``, so the ``easy`` phantom's
+    draws from ``rng`` are those it always made).
     """
+    cue_rng = cue_rng if cue_rng is not None else np.random.default_rng(0)
     lateral = SIDE_SIGN[side]
-    elevation = math.radians(rng.uniform(15.0, 45.0))  # tilt from superior towards anterior
-    direction = unit([lateral * rng.uniform(0.0, 0.25), -math.sin(elevation), math.cos(elevation)])
+    spread = difficulty.lesion_spread
+    elevation = math.radians(rng.uniform(15.0 * (1.0 - spread), 45.0 + 25.0 * spread))
+    side_shift = rng.uniform(-0.5 * spread, 0.25 + 0.25 * spread)
+    direction = unit([lateral * side_shift, -math.sin(elevation), math.cos(elevation)])
     axes = np.stack([random_unit(rng), random_unit(rng)])
+    by_stage = difficulty.marrow_by_stage
     lesion = Lesion(
         direction=direction,
-        extent_mm=float(rng.uniform(0.4, 1.15) * radius),
+        extent_mm=float(rng.uniform(0.4 - 0.1 * spread, 1.15) * radius),
         wave_amplitude=float(rng.uniform(0.03, 0.10)),
         wave_axes=axes,
         wave_phase=rng.uniform(0.0, 2 * math.pi, size=2),
@@ -139,28 +159,32 @@ def make_lesion(rng: np.random.Generator, stage: int, centre: np.ndarray, radius
         granulation_mm=float(rng.uniform(0.7, 1.4)),
         sclerosis_mm=float(rng.uniform(1.0, 2.2)),
         halo_mm=float(rng.uniform(1.5, 3.5)),
-        fibrosis=float(rng.uniform(0.0, 0.3) if stage <= 2 else rng.uniform(0.2, 0.8)),
+        fibrosis=float(
+            rng.uniform(0.0, 0.8)
+            if not by_stage
+            else rng.uniform(0.0, 0.3)
+            if stage <= 2
+            else rng.uniform(0.2, 0.8)
+        ),
         oedema=0.0,
         oedema_decay_mm=float(rng.uniform(4.0, 10.0)),
+        rim="band" if stage == 1 else "double",
     )
     # Oedema: common early and with collapse, less so in stable stage II; overlapping on purpose.
-    oedema_chance = {1: 0.7, 2: 0.35, 3: 0.8, 4: 0.6}[stage]
+    oedema_chance = {1: 0.7, 2: 0.35, 3: 0.8, 4: 0.6}[stage] if by_stage else 0.6
     if rng.random() < oedema_chance:
         lesion.oedema = float(rng.uniform(0.25, 0.9))
-    surface = centre + radius * direction
-    if stage >= 2:
-        for _ in range(int(rng.integers(1, 5))):
-            cyst_radius = float(rng.uniform(1.2, 3.2))
-            depth = lesion.extent_mm - rng.uniform(1.5, 4.0)
-            position = surface + max(depth, 2.0) * unit(-direction + 0.6 * random_unit(rng))
-            # Keep the cyst inside the head with some bone around it.
-            offset = position - centre
-            limit = radius - 2.5 - cyst_radius
-            if np.linalg.norm(offset) > limit:
-                position = centre + offset * (limit / np.linalg.norm(offset))
-            lesion.cysts.append((position, cyst_radius))
+    overlap = difficulty.cue_overlap
+    if overlap > 0:  # an ill-defined double line reads as a band, and (rarer) the reverse
+        if stage >= 2 and cue_rng.random() < overlap:
+            lesion.rim = "band"
+        elif stage == 1 and cue_rng.random() < overlap / 2:
+            lesion.rim = "double"
+    _add_cysts(lesion, rng, cue_rng, stage, centre, radius, overlap)
     if stage >= 3:
         lesion.crescent_mm = float(rng.uniform(0.6, 1.5))
+        if overlap > 0 and cue_rng.random() < overlap:  # a hairline cleft, easy to miss
+            lesion.crescent_mm = float(cue_rng.uniform(0.2, 0.5))
         if stage == 3:
             lesion.depression_mm = float(
                 rng.uniform(0.4, 2.0) if rng.random() < 0.5 else rng.uniform(2.3, 5.0)
@@ -169,6 +193,36 @@ def make_lesion(rng: np.random.Generator, stage: int, centre: np.ndarray, radius
             lesion.depression_mm = float(rng.uniform(2.5, 7.0))
     lesion.necrotic_fraction = _necrotic_fraction(lesion, centre, radius, rng)
     return lesion
+
+
+def _add_cysts(
+    lesion: Lesion,
+    rng: np.random.Generator,
+    cue_rng: np.random.Generator,
+    stage: int,
+    centre: np.ndarray,
+    radius: float,
+    overlap: float,
+) -> None:
+    """Cysts inside the segment: 1-4 from stage II (missing with chance ``overlap``), and with
+    half that chance one small cyst at stage I."""
+    count = int(rng.integers(1, 5)) if stage >= 2 else 0
+    if overlap > 0:
+        if stage >= 2 and cue_rng.random() < overlap:
+            count = 0
+        elif stage == 1 and cue_rng.random() < overlap / 2:
+            count = 1
+    surface = centre + radius * lesion.direction
+    for _ in range(count):
+        cyst_radius = float(rng.uniform(1.2, 3.2))
+        depth = lesion.extent_mm - rng.uniform(1.5, 4.0)
+        position = surface + max(depth, 2.0) * unit(-lesion.direction + 0.6 * random_unit(rng))
+        # Keep the cyst inside the head with some bone around it.
+        offset = position - centre
+        limit = radius - 2.5 - cyst_radius
+        if np.linalg.norm(offset) > limit:
+            position = centre + offset * (limit / np.linalg.norm(offset))
+        lesion.cysts.append((position, cyst_radius))
 
 
 def _necrotic_fraction(lesion: Lesion, centre: np.ndarray, radius: float, rng: np.random.Generator) -> float:
@@ -186,6 +240,8 @@ def make_hip(
     centre: np.ndarray,
     radius: float,
     stage: int,
+    difficulty: Difficulty = EASY,
+    cue_rng: np.random.Generator | None = None,
 ) -> Hip:
     """Draw one hip joint of a given ARCO ``stage`` (0 = healthy) around a head ``centre``."""
     lateral = SIDE_SIGN[side]
@@ -205,24 +261,44 @@ def make_hip(
         cup_direction=cup,
         stage=stage,
     )
+    cue_rng = cue_rng if cue_rng is not None else np.random.default_rng(0)
     if stage >= 1:
-        hip.lesion = make_lesion(rng, stage, hip.centre, hip.radius, side)
+        hip.lesion = make_lesion(rng, stage, hip.centre, hip.radius, side, difficulty, cue_rng)
     if stage == 4:
-        hip.joint_gap_mm = float(rng.uniform(0.8, 2.0))  # joint-space narrowing
-        roof = hip.centre + hip.cup_direction * (hip.radius + hip.joint_gap_mm + 5.0)
-        for _ in range(int(rng.integers(1, 3))):
-            hip.acetabular_cysts.append((roof + 4.0 * random_unit(rng), float(rng.uniform(1.5, 3.0))))
-        hip.osteophyte_mm = float(rng.uniform(2.0, 4.0))
+        _add_joint_disease(hip, rng, cue_rng, difficulty.cue_overlap)
+    elif stage == 3 and difficulty.cue_overlap > 0 and cue_rng.random() < difficulty.cue_overlap / 2:
+        hip.joint_gap_mm = float(cue_rng.uniform(2.2, 3.5))  # mild narrowing before stage IV
     # Effusion accompanies collapse, not always: present in some stage III and IV hips.
     if rng.random() < {3: 0.25, 4: 0.6}.get(stage, 0.0):
         hip.effusion_mm = float(rng.uniform(0.8, 2.5))
     return hip
 
 
+def _add_joint_disease(
+    hip: Hip, rng: np.random.Generator, cue_rng: np.random.Generator, overlap: float
+) -> None:
+    """Stage IV's joint: narrowing, acetabular sclerosis and cysts, osteophytes; each missing or
+    mild with chance ``overlap`` (drawn from ``cue_rng``)."""
+    hip.joint_gap_mm = float(rng.uniform(0.8, 2.0))  # joint-space narrowing
+    if overlap > 0 and cue_rng.random() < overlap:
+        hip.joint_gap_mm = float(cue_rng.uniform(2.2, 3.5))
+    roof = hip.centre + hip.cup_direction * (hip.radius + hip.joint_gap_mm + 5.0)
+    for _ in range(int(rng.integers(1, 3))):
+        hip.acetabular_cysts.append((roof + 4.0 * random_unit(rng), float(rng.uniform(1.5, 3.0))))
+    hip.osteophyte_mm = float(rng.uniform(2.0, 4.0))
+    hip.acetabular_sclerosis = True
+    if overlap > 0 and cue_rng.random() < overlap:
+        hip.acetabular_cysts, hip.acetabular_sclerosis = [], False
+    if overlap > 0 and cue_rng.random() < overlap:
+        hip.osteophyte_mm = 0.0
+
+
 def make_patient(
     rng: np.random.Generator,
     stages: dict[str, int],
     mean_radius_mm: float = 24.0,
+    difficulty: Difficulty = EASY,
+    cue_rng: np.random.Generator | None = None,
 ) -> Patient:
     """Draw a patient: body habitus, both hips with the given stages ``{"L": s, "R": s}``.
 
@@ -242,7 +318,7 @@ def make_patient(
             ]
         )
         side_radius = float(np.clip(radius + rng.normal(0.0, 0.3), 21.0, 27.0))
-        hips[side] = make_hip(rng, side, centre, side_radius, stages[side])
+        hips[side] = make_hip(rng, side, centre, side_radius, stages[side], difficulty, cue_rng)
     n_waves = 4
     return Patient(
         body_centre=np.array([rng.uniform(-4.0, 4.0), body_y]),

@@ -16,6 +16,9 @@ from simulation.phantom.shapes import (
     spherical_shell,
 )
 
+MARROW_INSET_MM = 2.5  # femoral cortex thickness scale: the head's subchondral plate is half of it
+PLATE_CLEARANCE_MM = 0.75  # at least half the coarsest CT pixel (1.25 mm): anti-aliasing stays clear
+
 
 class HipShapes:
     """One hip's structures as methods on coordinate arrays ``(x, y, z)``; layers paint them.
@@ -133,10 +136,17 @@ class HipShapes:
         return sdf
 
     def femur_marrow(self, x, y, z):
-        return self.femur(x, y, z, inset=2.5)
+        return self.femur(x, y, z, inset=MARROW_INSET_MM)
+
+    def lesion_marrow(self, x, y, z):
+        """Marrow where lesion tissue (oedema) may lie: clear of the plate, see ``head_marrow``."""
+        return self.femur(x, y, z, inset=MARROW_INSET_MM + 2.0 * PLATE_CLEARANCE_MM)
 
     def head_marrow(self, x, y, z):
-        return head_sdf(self.hip, x, y, z) + 1.2
+        """Head marrow where lesion tissue may lie. It stops ``PLATE_CLEARANCE_MM`` beneath the
+        subchondral plate, so a lesion's anti-aliased edge never thins the plate: on CT the plate
+        stays intact until the fracture of stage III."""
+        return head_sdf(self.hip, x, y, z) + 0.5 * MARROW_INSET_MM + PLATE_CLEARANCE_MM
 
     def red_share(self, x, y, z):
         """Smooth marrow texture; more red marrow towards the shaft."""

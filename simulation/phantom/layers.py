@@ -57,12 +57,12 @@ def _pelvis_layers(shapes: HipShapes) -> list[Layer]:
         Layer("cortical_bone", shapes.pelvis, shapes.pelvis_box),
         Layer("red_marrow", shapes.pelvis_marrow, shapes.pelvis_box),
     ]
-    if shapes.hip.stage == 4:
+    if shapes.hip.acetabular_sclerosis:
         layers.append(
             Layer("acetabular_sclerosis", shapes.acetabular_sclerosis, box(shapes.c, shapes.cup_outer + 2))
         )
-        for centre, radius in shapes.hip.acetabular_cysts:
-            layers.append(Layer("cyst", partial(sphere, c=centre, r=radius), box(centre, radius + 2)))
+    for centre, radius in shapes.hip.acetabular_cysts:
+        layers.append(Layer("cyst", partial(sphere, c=centre, r=radius), box(centre, radius + 2)))
     return layers
 
 
@@ -94,7 +94,7 @@ def _lesion_layers(shapes: HipShapes) -> list[Layer]:
     layers = []
     if lesion.oedema > 0:
         oedema_box = box(shapes.c + shapes.hip.neck_direction * 12.0, shapes.r + 14.0)
-        layers.append(Layer("marrow_oedema", shapes.femur_marrow, oedema_box, shapes.oedema_weight))
+        layers.append(Layer("marrow_oedema", shapes.lesion_marrow, oedema_box, shapes.oedema_weight))
     layers.append(Layer("necrotic_fat", shapes.necrotic_in_head, head_box))
     if lesion.fibrosis > 0:
         layers.append(Layer("necrotic_fibrosis", shapes.necrotic_in_head, head_box, shapes.fibrosis_weight))
@@ -122,14 +122,15 @@ def _rim_layers(shapes: HipShapes) -> list[Layer]:
     """The segment's boundary: reactive band at stage I, else double line, halo and cysts."""
     lesion, head_box = shapes.lesion, shapes.head_box
     rim = shapes.necrotic_shell_in_head
-    if shapes.hip.stage == 1:
-        return [Layer("reactive_band", partial(rim, inner=0.0, outer=lesion.band_mm), head_box)]
-    g, s, h = lesion.granulation_mm, lesion.sclerosis_mm, lesion.halo_mm
-    layers = [
-        Layer("sclerotic_halo", partial(rim, inner=s, outer=s + h), head_box),
-        Layer("sclerosis", partial(rim, inner=0.0, outer=s), head_box),
-        Layer("granulation", partial(rim, inner=-g, outer=0.0), head_box),
-    ]
+    if lesion.rim == "band":
+        layers = [Layer("reactive_band", partial(rim, inner=0.0, outer=lesion.band_mm), head_box)]
+    else:
+        g, s, h = lesion.granulation_mm, lesion.sclerosis_mm, lesion.halo_mm
+        layers = [
+            Layer("sclerotic_halo", partial(rim, inner=s, outer=s + h), head_box),
+            Layer("sclerosis", partial(rim, inner=0.0, outer=s), head_box),
+            Layer("granulation", partial(rim, inner=-g, outer=0.0), head_box),
+        ]
     for centre, radius in lesion.cysts:
         cyst_box = box(centre, radius + 3)
         layers.append(Layer("sclerosis", partial(sphere, c=centre, r=radius + 0.8), cyst_box))

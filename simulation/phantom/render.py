@@ -14,7 +14,13 @@ import numpy as np
 
 from simulation.phantom.layers import Layer
 from simulation.phantom.shapes import Coords, random_unit
-from simulation.phantom.tissues import TISSUE_INDEX, MRProtocol, ct_values, spin_echo_signal
+from simulation.phantom.tissues import (
+    TISSUE_INDEX,
+    MRProtocol,
+    ct_values,
+    spin_echo_signal,
+    with_lesion_contrast,
+)
 
 
 @dataclass(frozen=True)
@@ -146,12 +152,15 @@ class Scanner:
             signal is about 0.55), scaled by each protocol's ``noise_scale``.
         bias: strength of the smooth multiplicative receive-coil bias field (0 = flat).
         ct_noise_hu: CT noise sigma in HU.
+        lesion_contrast: how far lesion tissues stand out from marrow on MR (1 = their full
+            contrast; see ``tissues.with_lesion_contrast``); CT is unaffected.
     """
 
     gain: float = 2000.0
     noise: float = 0.015
     bias: float = 0.15
     ct_noise_hu: float = 12.0
+    lesion_contrast: float = 1.0
 
 
 def bias_field(coords: Coords, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -176,7 +185,7 @@ def mr_image(
 
     Returns float32 ``(S, R, C)`` in stored units (non-negative).
     """
-    signal = tissue_map.render(spin_echo_signal(protocol))
+    signal = tissue_map.render(with_lesion_contrast(spin_echo_signal(protocol), scanner.lesion_contrast))
     signal *= bias_field(tissue_map.coordinates(), scanner.bias, rng)
     sigma = scanner.noise * protocol.noise_scale
     real = signal + np.float32(sigma) * rng.standard_normal(signal.shape, dtype=np.float32)

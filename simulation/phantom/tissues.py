@@ -62,6 +62,21 @@ TISSUES: tuple[Tissue, ...] = (
     Tissue("acetabular_sclerosis", 0.20, 1000.0, 12.0, 0.05, 1050.0),
 )
 TISSUE_INDEX: dict[str, int] = {t.name: i for i, t in enumerate(TISSUES)}
+# Tissues a lesion brings into the femoral head (and oedema into its marrow): the MR contrast
+# knob moves their MR signal towards the fatty marrow they replace. Joint and acetabular changes
+# of stage IV are not lesion tissue: their visibility is the cue-overlap knob's.
+LESION_TISSUES: tuple[str, ...] = (
+    "marrow_oedema",
+    "necrotic_fat",
+    "necrotic_fibrosis",
+    "reactive_band",
+    "granulation",
+    "sclerosis",
+    "sclerotic_halo",
+    "cyst",
+    "fracture_cleft",
+    "compacted_bone",
+)
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,22 @@ def spin_echo_signal(protocol: MRProtocol, tissues: tuple[Tissue, ...] = TISSUES
         water = (1.0 - math.exp(-tr / t.t1_ms)) * math.exp(-te / t.t2_ms)
         values.append(t.pd * ((1.0 - t.fat_fraction) * water + t.fat_fraction * protocol.fat_residual * fat))
     return np.asarray(values, dtype=np.float32)
+
+
+def with_lesion_contrast(signal: np.ndarray, contrast: float) -> np.ndarray:
+    """Per-tissue MR ``signal`` with every lesion tissue at ``marrow + contrast * (tissue - marrow)``.
+
+    Only the lesion tissues' own voxels change: a cyst inside the head keeps its sclerotic wall's
+    geometry, it only stands out less. ``contrast`` 1 returns the signal unchanged.
+    """
+    if contrast == 1.0:
+        return signal
+    out = np.array(signal, dtype=np.float32, copy=True)
+    marrow = out[TISSUE_INDEX["fatty_marrow"]]
+    for name in LESION_TISSUES:
+        i = TISSUE_INDEX[name]
+        out[i] = marrow + np.float32(contrast) * (out[i] - marrow)
+    return out
 
 
 def ct_values(tissues: tuple[Tissue, ...] = TISSUES) -> np.ndarray:

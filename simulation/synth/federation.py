@@ -29,10 +29,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from common.progress import progress_bar
+from simulation.phantom.difficulty import DIFFICULTIES, Difficulty, difficulty_named
 from simulation.synth.patient import patient_job
 from simulation.synth.plan import NAMING_SCHEMES, SIZES, SiteProfile, make_site, plan_patients
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: lesion tissue clear of the subchondral plate; difficulty knobs
 
 
 def _site_counts(sites: int, patients: int, size_skew: float) -> list[int]:
@@ -44,8 +45,11 @@ def _site_counts(sites: int, patients: int, size_skew: float) -> list[int]:
     ]
 
 
-def _parameters(sites: int, patients: int, seed: int, size: str, size_skew: float) -> dict:
+def _parameters(
+    sites: int, patients: int, seed: int, size: str, size_skew: float, difficulty: Difficulty
+) -> dict:
     return {
+        "difficulty": difficulty.to_json(),
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "sites": sites,
@@ -74,6 +78,7 @@ def generate_federation(
     size: str = "default",
     workers: int | None = None,
     size_skew: float = 0.0,
+    difficulty: Difficulty | str = "easy",
 ) -> Path:
     """Write ``sites`` synthetic hospitals with ``patients`` each under ``out_dir``; return ``out_dir``.
 
@@ -88,10 +93,14 @@ def generate_federation(
         seed: everything (anatomy, stages, noise, identifiers, UIDs) follows from it.
         size: ``"default"`` (realistic resolutions) or ``"tiny"`` (coarse, for tests).
         workers: processes (default: CPU count); 1 renders in this process.
+        difficulty: how hard staging is (``simulation.phantom.difficulty``): a preset name
+            (``"easy"``, ``"clinical"``) or the knobs themselves.
     """
     out_dir = Path(out_dir)
     _check_arguments(sites, patients, size, size_skew)
-    parameters = _parameters(sites, patients, seed, size, size_skew)
+    if isinstance(difficulty, str):
+        difficulty = difficulty_named(difficulty)
+    parameters = _parameters(sites, patients, seed, size, size_skew, difficulty)
     if _is_complete(out_dir, parameters):
         print(f"synth: {out_dir} already holds this federation; reusing it", flush=True)
         return out_dir
@@ -101,7 +110,7 @@ def generate_federation(
         json.dumps({"parameters": parameters, "complete": False}, indent=2)
     )
     counts = _site_counts(sites, patients, size_skew)
-    profiles = [make_site(i, seed, counts[i], size) for i in range(sites)]
+    profiles = [make_site(i, seed, counts[i], size, difficulty) for i in range(sites)]
     results = _write_patients(out_dir, profiles, seed, size, workers, start)
     manifest = _write_manifest(out_dir, profiles, results, parameters, start)
     print(
@@ -244,10 +253,30 @@ def main(argv: list[str] | None = None) -> int:
         "--size-skew", type=float, default=0.0, help="0-0.9: spread patient counts across sites"
     )
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    parser.add_argument(
+        "--difficulty",
+        choices=list(DIFFICULTIES),
+        default="easy",
+        help="how hard staging is: 'easy' (every cue clear) or 'clinical' (calibrated; docs/phantom.md)",
+    )
+    parser.add_argument(
+        "--mr-lesion-contrast",
+        type=float,
+        default=None,
+        help="0-1: MR contrast of lesion tissue against marrow (CT unchanged); overrides the preset's",
+    )
     args = parser.parse_args(argv)
     try:
+        difficulty = difficulty_named(args.difficulty, mr_lesion_contrast=args.mr_lesion_contrast)
         generate_federation(
-            args.out, args.sites, args.patients, args.seed, args.size, args.workers, args.size_skew
+            args.out,
+            args.sites,
+            args.patients,
+            args.seed,
+            args.size,
+            args.workers,
+            args.size_skew,
+            difficulty,
         )
     except ValueError as exc:
         print(f"onfh synth: {exc}", file=sys.stderr)

@@ -40,9 +40,11 @@ class PatientWriter:
         self.out_dir, self.site, self.plan, self.seed = out_dir, site, plan, seed
         self.preset = PRESETS[size]
         rng = np.random.default_rng([seed, site.index, plan.index, 0])
-        self.anatomy = make_patient(rng, plan.stages, site.mean_head_radius_mm)
+        cue_rng = np.random.default_rng([seed, site.index, plan.index, 5])
+        self.anatomy = make_patient(rng, plan.stages, site.mean_head_radius_mm, site.difficulty, cue_rng)
         self.layers = patient_layers(self.anatomy)
-        self.scanner = Scanner(site.gain, site.noise, site.bias, site.ct_noise_hu)
+        contrast = site.difficulty.mr_lesion_contrast
+        self.scanner = Scanner(site.gain, site.noise, site.bias, site.ct_noise_hu, contrast)
         # Identity: drawn in this order, then each study's time and accession from the same RNG.
         self.id_rng = np.random.default_rng([seed, site.index, plan.index, 1])
         self.sex = "M" if self.id_rng.random() < 0.7 else "F"
@@ -166,7 +168,7 @@ class PatientWriter:
             {
                 "patient_id": plan.patient_id,
                 "side": side,
-                "arco_stage": str(plan.stages[side]) if plan.labelled[side] else "",
+                "arco_stage": str(plan.label_stages[side]) if plan.labelled[side] else "",
             }
             for side in ("L", "R")
         ]
@@ -192,6 +194,7 @@ def generate_patient(out_dir: Path, site: SiteProfile, plan: PatientPlan, seed: 
     }
     for side in ("L", "R"):
         truth["hips"][side]["labelled"] = bool(plan.labelled[side])
+        truth["hips"][side]["label_stage"] = plan.label_stages[side]  # the reader's stage
     written = list(mr.written)
     if plan.has_ct:
         ct, truth["ct_offset"] = writer.write_ct()

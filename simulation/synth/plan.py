@@ -13,6 +13,7 @@ from pydicom.uid import (
 )
 
 from simulation import identifiers as ids
+from simulation.phantom.difficulty import EASY, Difficulty, reader_label
 
 SIZES = ("default", "tiny")
 PROTOCOL_KEYS = ("T1_COR", "T2W_COR", "T1_AX", "T2W_AX", "PDFS_SAG")
@@ -129,10 +130,11 @@ class SiteProfile:
     never_acquired: tuple[str, ...] = ()
     sometimes_missing: dict[str, float] = field(default_factory=dict)
     extra_dwi: bool = False
+    difficulty: Difficulty = EASY
 
 
-def make_site(index: int, seed: int, patients: int, size: str) -> SiteProfile:
-    """Draw site ``index``'s profile from the federation ``seed``."""
+def make_site(index: int, seed: int, patients: int, size: str, difficulty: Difficulty = EASY) -> SiteProfile:
+    """Draw site ``index``'s profile from the federation ``seed`` (MR noise scaled by ``difficulty``)."""
     rng = np.random.default_rng([seed, index, 7001])
     preset = PRESETS[size]
     style = index % 4
@@ -160,7 +162,7 @@ def make_site(index: int, seed: int, patients: int, size: str) -> SiteProfile:
         vendor=style,
         mrn_style=style,
         gain=float(rng.uniform(700.0, 2400.0)),
-        noise=float(rng.uniform(0.010, 0.022)),
+        noise=float(rng.uniform(0.010, 0.022) * difficulty.noise_scale),
         bias=float(rng.uniform(0.08, 0.25)),
         ct_noise_hu=float(rng.uniform(8.0, 18.0)),
         mr_slope=1.25 if style == 2 else 1.0,
@@ -174,6 +176,7 @@ def make_site(index: int, seed: int, patients: int, size: str) -> SiteProfile:
         never_acquired=never,
         sometimes_missing=sometimes,
         extra_dwi=style in (0, 2),
+        difficulty=difficulty,
     )
 
 
@@ -187,12 +190,14 @@ class PatientPlan:
     labelled: dict[str, bool]
     has_ct: bool
     protocols: tuple[str, ...]
+    label_stages: dict[str, int]  # what the site's reader wrote: a neighbour of the truth at times
 
 
 def plan_patients(site: SiteProfile, seed: int) -> list[PatientPlan]:
     """Stages (Dirichlet-skewed per site, often bilateral), labelling, CT and protocol availability."""
     rng = np.random.default_rng([seed, site.index, 7002])
     id_rng = np.random.default_rng([seed, site.index, 7003])
+    reader_rng = np.random.default_rng([seed, site.index, 7004])
     patient_ids: list[str] = []
     while len(patient_ids) < site.patients:  # MRNs are unique within a site
         mrn = ids.medical_record_number(id_rng, site.mrn_style)
@@ -214,5 +219,10 @@ def plan_patients(site: SiteProfile, seed: int) -> list[PatientPlan]:
             for key in PROTOCOL_KEYS
             if key not in site.never_acquired and not rng.random() < site.sometimes_missing.get(key, 0.0)
         )
-        plans.append(PatientPlan(index, patient_ids[index], stages, labelled, has_ct, protocols))
+        disagreement = site.difficulty.reader_disagreement
+        read = {
+            side: reader_label(s, reader_rng, disagreement) if s and disagreement else s
+            for side, s in stages.items()
+        }
+        plans.append(PatientPlan(index, patient_ids[index], stages, labelled, has_ct, protocols, read))
     return plans
