@@ -131,16 +131,26 @@ def paired_bootstrap(
     return {"difference": float(diff), "ci95": (float(low), float(high)), "p": float(p)}
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE of the predicted stage: the hip-weighted gap between confidence and accuracy per bin."""
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> dict[str, list]:
+    """Per equal-width confidence bin over [0, 1] (the ECE's bins): ``hips`` in it, their mean
+    ``confidence`` and ``accuracy`` (NaN where a bin is empty). A reliability diagram plots these."""
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    gap = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            gap += inside.mean() * abs(confidence[inside].mean() - correct[inside].mean())
-    return float(gap)
+    hips = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / hips
+        accuracy = np.bincount(which, weights=np.asarray(correct, np.float64), minlength=bins) / hips
+    return {"hips": hips.tolist(), "confidence": mean_confidence.tolist(), "accuracy": accuracy.tolist()}
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE of the predicted stage: the hip-weighted gap between confidence and accuracy per bin."""
+    table = reliability_bins(confidence, correct, bins)
+    hips = np.asarray(table["hips"])
+    if not hips.sum():
+        return 0.0
+    gap = np.abs(np.asarray(table["confidence"]) - np.asarray(table["accuracy"]))
+    return float((hips[hips > 0] * gap[hips > 0]).sum() / hips.sum())
 
 
 def classwise_ece(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -214,10 +224,10 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, ECE_BINS + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, ECE_BINS - 1)
-    centres = [(edges[b] + edges[b + 1]) / 2 for b in range(ECE_BINS) if (which == b).any()]
-    accuracy = [correct[which == b].mean() for b in range(ECE_BINS) if (which == b).any()]
+    table = reliability_bins(confidence, correct)
+    filled = [b for b, n in enumerate(table["hips"]) if n]
+    centres = [(b + 0.5) / ECE_BINS for b in filled]
+    accuracy = [table["accuracy"][b] for b in filled]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.bar(centres, accuracy, width=1 / ECE_BINS, alpha=0.6, edgecolor="k", label="accuracy in bin")

@@ -1,7 +1,8 @@
 """The main job's comparison: federated vs centralized vs local-only, per site and pooled.
 
-A table (Markdown, printed), ``comparison.json`` and a bar chart beside the run's results; each
-column's pooled figure comes with a 95% interval that resamples patients.
+A table (Markdown, printed), ``comparison.json``, a bar chart and a reliability diagram of the
+pooled test hips beside the run's results; each column's pooled figure comes with a 95% interval
+that resamples patients, and its calibration error (ECE) with the bins behind it.
 """
 
 from __future__ import annotations
@@ -92,6 +93,41 @@ def plot_comparison(header: list[str], rows: list[list], path: Path) -> None:
     plt.close(fig)
 
 
+def reliability_points(summary: dict) -> tuple[list[float], list[float]]:
+    """The points of one column's reliability curve: mean confidence of the predicted stage and
+    accuracy in each confidence bin that holds a hip (:func:`common.evaluate.reliability_bins`)."""
+    bins = summary["reliability"]
+    filled = [b for b, n in enumerate(bins["hips"]) if n]
+    return [bins["confidence"][b] for b in filled], [bins["accuracy"][b] for b in filled]
+
+
+def plot_reliability(intervals: dict[str, dict], path: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """Reliability diagram of the pooled test hips, one line per column (its ECE in the legend);
+    returns the points plotted, per column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plotted = {name: reliability_points(v) for name, v in intervals.items() if "reliability" in v}
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, (confidence, accuracy) in plotted.items():
+        ax.plot(confidence, accuracy, "o-", label=f"{name} (ECE {intervals[name]['ece']:.3f})")
+    ax.set(
+        xlabel="confidence of the predicted stage (mean in bin)",
+        ylabel="accuracy in bin",
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.02),
+        title="Reliability on the pooled test hips",
+    )
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return plotted
+
+
 def pooled_intervals(cfg: RunConfig, site_dirs: list[Path], central: dict, local: dict) -> dict[str, dict]:
     """Each column's pooled test figures with 95% intervals that resample patients.
 
@@ -140,8 +176,9 @@ def _interval(summary: dict | None) -> str:
 
 def report(
     cfg: RunConfig, federated: dict, central: dict, local: dict, seconds: dict, intervals: dict | None = None
-) -> None:
-    """Write comparison.json/.md/.png beside the run's results and print the table."""
+) -> list[Path]:
+    """Write comparison.json/.md/.png (and, with ``intervals``, reliability.png) beside the run's
+    results, print the table; returns the files written."""
     header, rows = comparison_table(federated, central, local)
     intervals = intervals or {}
     privacy = federated.get("privacy", {})
@@ -172,6 +209,10 @@ def report(
         table + "\n\n" + (pooled_figures_table(intervals) + "\n" if intervals else "")
     )
     plot_comparison(header, rows, cfg.run_dir / "comparison.png")
+    written = [cfg.run_dir / f"comparison.{ext}" for ext in ("json", "md", "png")]
+    if any("reliability" in v for v in intervals.values()):
+        plot_reliability(intervals, cfg.run_dir / "reliability.png")
+        written.append(cfg.run_dir / "reliability.png")
     print("\nTest macro AUROC on held-out synthetic hips (per site and pooled):\n")
     print(table)
     if federated["config"].get("secure-aggregation"):
@@ -190,4 +231,6 @@ def report(
         print(f"\nfederated / centralized = {ratio:.3f}")
     if summary["failures"]:
         print(f"\n{len(summary['failures'])} site failures recorded in {cfg.run_dir / 'results.json'}")
+    print(f"\nwritten: {', '.join(p.name for p in written)}")
     print(f"\ndone in {summary['total-seconds'] / 60:.1f} min; outputs in {cfg.run_dir}")
+    return written

@@ -31,10 +31,12 @@ from common.evaluate import (
     expected_calibration_error,
     paired_bootstrap,
     patient_bootstrap,
+    reliability_bins,
     site_scores,
 )
 from common.predict import load_model
 from common.sitedata.load import SiteData, load_site
+from common.training.evaluation import stage_rates
 
 Progress = Callable[[str], None]
 
@@ -56,16 +58,14 @@ class Scored:
 
     def summary(self, reps: int = 1000) -> dict:
         """Macro and per-stage AUROC with 95% intervals that resample patients; hip and patient counts;
-        accuracy, balanced accuracy, quadratic-weighted kappa, calibration error of the predicted stage,
-        per-stage sensitivity and specificity, and the confusion matrix (rows: true stage I-IV)."""
+        accuracy, balanced accuracy, quadratic-weighted kappa, calibration error of the predicted stage
+        and its reliability bins (:func:`common.evaluate.reliability_bins`), per-stage sensitivity and
+        specificity, and the confusion matrix (rows: true stage I-IV)."""
         predicted = self.probs.argmax(1)
         confusion = np.zeros((4, 4), int)
         np.add.at(confusion, (self.labels, predicted), 1)
-        true, called = confusion.sum(1), confusion.sum(0)
-        negatives = len(self.labels) - true
-        with np.errstate(invalid="ignore", divide="ignore"):
-            sensitivity = np.diag(confusion) / true
-            specificity = (negatives - (called - np.diag(confusion))) / negatives
+        true = confusion.sum(1)
+        sensitivity, specificity = stage_rates(confusion)  # as the server computes them from the sum
         return {
             "hips": int(len(self.labels)),
             "patients": int(len(np.unique(self.patients))),
@@ -77,6 +77,7 @@ class Scored:
                 cohen_kappa_score(self.labels, predicted, labels=range(4), weights="quadratic")
             ),
             "ece": expected_calibration_error(self.probs.max(1), predicted == self.labels),
+            "reliability": reliability_bins(self.probs.max(1), predicted == self.labels),
             "sensitivity": [float(v) for v in sensitivity],
             "specificity": [float(v) for v in specificity],
             "confusion": confusion.tolist(),

@@ -95,8 +95,23 @@ def pooled_staging_metrics(histogram_sum: np.ndarray, confusion_sum: np.ndarray)
         out["balanced-accuracy"] = float(balanced_accuracy_score(y_true, y_pred))
         kappa = cohen_kappa_score(y_true, y_pred, weights="quadratic", labels=list(range(N_CLASSES)))
         out["qw-kappa"] = float(kappa) if np.isfinite(kappa) else 0.0
+    sensitivity, specificity = stage_rates(confusion)
+    for stage, sens, spec in zip(STAGES, sensitivity, specificity, strict=True):
+        # -1 where undefined (no hip of the stage, or none of another), as for the per-stage AUROC
+        out[f"sensitivity-stage-{stage}"] = float(sens) if np.isfinite(sens) else -1.0
+        out[f"specificity-stage-{stage}"] = float(spec) if np.isfinite(spec) else -1.0
     out["confusion"] = confusion.ravel().tolist()  # type: ignore[assignment]
     return out
+
+
+def stage_rates(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-stage sensitivity (recall) and specificity, one-vs-rest, from a confusion matrix (rows:
+    true stage, columns: predicted; pooled counts do). NaN where a stage has no hip, or no other."""
+    confusion = np.asarray(confusion, dtype=np.float64).reshape(N_CLASSES, N_CLASSES)
+    true, called, hits = confusion.sum(axis=1), confusion.sum(axis=0), np.diag(confusion)
+    negatives = confusion.sum() - true
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return hits / true, (negatives - (called - hits)) / negatives
 
 
 def _histogram_aurocs(negatives: np.ndarray, positives: np.ndarray) -> np.ndarray:

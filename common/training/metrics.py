@@ -150,8 +150,10 @@ def auroc_from_histograms(hist: np.ndarray) -> dict:
 
     Each bin is one score level weighted by its counts (``roc_auc_score`` with
     ``sample_weight``), so a positive and a negative in the same bin count as half a correct
-    pair, exactly the Mann-Whitney tie rule. With 1000 bins this matches the exact AUROC within
-    about 1e-3.
+    pair, exactly the Mann-Whitney tie rule. The gap to the exact AUROC is at most half the share of
+    positive-negative pairs that share a bin: with 1000 bins, under 1e-3 for scores spread over
+    [0, 1], but a few hundredths for a confident model whose scores crowd below 0.001 and above
+    0.999 (tests/common/training/test_evaluation.py).
 
     Returns ``{"per_class_auroc": [float | None] * C, "macro_auroc": mean over defined classes
     (NaN if none), "classes": class indices included}``.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+import common.evaluate as evaluate_module
 from common.evaluate import (
     apply_recalibration,
     aurocs,
@@ -17,7 +18,9 @@ from common.evaluate import (
     fit_recalibration,
     hip_scores,
     main,
+    paired_bootstrap,
     patient_bootstrap,
+    patient_draws,
 )
 from tests.common.test_predict import run_dir  # noqa: F401  (the module's trained model)
 
@@ -38,6 +41,72 @@ def test_the_bootstrap_moves_both_hips_of_a_patient_together():
     for key, (low, high) in ci.items():
         assert low <= high and 0 <= low and high <= 1, key
     assert ci["macro-auroc"][0] <= exact["macro-auroc"] + 0.25
+
+
+def _one_and_two_hip_patients():
+    """Ten patients, six with two hips and four with one, their hips listed apart (all left hips,
+    then the right ones) so that a resampler keying on neighbouring rows would split them."""
+    left = [f"p{i}" for i in range(10)]
+    right = [f"p{i}" for i in range(6)]
+    return np.asarray(left + right)
+
+
+def _assert_patients_move_together(patients, picked):
+    """In one draw every hip of a drawn patient appears, each the same number of times, and the
+    number of patients drawn (with their multiplicity) is the number of patients."""
+    times = np.bincount(picked, minlength=len(patients))
+    drawn = 0
+    for p in np.unique(patients):
+        hips = np.flatnonzero(patients == p)
+        assert len(set(times[hips])) == 1, f"patient {p}: its hips drawn {times[hips]} times"
+        drawn += times[hips[0]]
+    assert drawn == len(np.unique(patients))
+
+
+def test_patient_draws_keep_a_patients_hips_together():
+    patients = _one_and_two_hip_patients()
+    draws = list(patient_draws(patients, reps=500, seed=3))
+    assert len(draws) == 500
+    for picked in draws:
+        _assert_patients_move_together(patients, picked)
+    # Both kinds of patient are drawn more than once and left out somewhere: the check had teeth.
+    counts = np.stack([np.bincount(d, minlength=len(patients)) for d in draws])
+    assert (counts[:, [0, 9]] >= 2).any(axis=0).all() and (counts[:, [0, 9]] == 0).any(axis=0).all()
+
+
+def _spy_on_aurocs(monkeypatch, probs):
+    """Record the hip indices of every ``aurocs`` call (each hip's score row is unique) and score as before."""
+    calls, real = [], evaluate_module.aurocs
+    index = {row.tobytes(): i for i, row in enumerate(probs)}
+
+    def spy(p, y):
+        calls.append(np.asarray([index[row.tobytes()] for row in p]))
+        return real(p, y)
+
+    monkeypatch.setattr(evaluate_module, "aurocs", spy)
+    return calls
+
+
+def test_the_interval_and_the_paired_comparison_resample_patients(monkeypatch):
+    """Through the functions behind every interval: ``patient_bootstrap`` (each column's CI) and
+    ``paired_bootstrap`` (a model against another) draw exactly ``patient_draws``, and the paired
+    comparison scores both models on the same draw."""
+    patients = _one_and_two_hip_patients()
+    rng = np.random.default_rng(5)
+    a, b = rng.dirichlet(np.ones(4), len(patients)), rng.dirichlet(np.ones(4), len(patients))
+    labels = np.arange(len(patients)) % 4
+    expected = list(patient_draws(patients, reps=50, seed=7))
+
+    calls = _spy_on_aurocs(monkeypatch, np.concatenate([a, b]))
+    patient_bootstrap(a, labels, patients, reps=50, seed=7)
+    assert len(calls) == 50 and all(np.array_equal(c, e) for c, e in zip(calls, expected, strict=True))
+
+    calls.clear()
+    paired_bootstrap(a, b, labels, patients, reps=50, seed=7)
+    draws_a, draws_b = calls[0:100:2], [c - len(patients) for c in calls[1:100:2]]  # b's rows follow a's
+    for picked_a, picked_b, want in zip(draws_a, draws_b, expected, strict=True):
+        assert np.array_equal(picked_a, want) and np.array_equal(picked_b, want)
+        _assert_patients_move_together(patients, picked_a)
 
 
 def test_recalibration_keeps_every_auroc_and_fits_the_validation_hips():
