@@ -54,12 +54,17 @@ def site_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
 
     A simulation worker serves several sites in turn, so a few are kept in memory.
     """
-    key = (site.data_dir, site.cache_dir, site.site_name, cfg.preprocess, cfg.split_seed)
+    key = (site.data_dir, site.cache_dir, site.site_name, cfg.preprocess, cfg.split_seed, cfg.split)
     if key not in _LOADED:
         if len(_LOADED) >= 4:
             _LOADED.pop(next(iter(_LOADED)))
         _LOADED[key] = load_site(
-            site.data_dir, site.cache_dir, cfg.preprocess, split_seed=cfg.split_seed, name=site.site_name
+            site.data_dir,
+            site.cache_dir,
+            cfg.preprocess,
+            split_seed=cfg.split_seed,
+            fractions=cfg.split,
+            name=site.site_name,
         )
     return _LOADED[key]
 

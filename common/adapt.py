@@ -182,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         net, cfg, _ = load_model(args.model)  # missing FedBN layers are what step 1 supplies
         with tempfile.TemporaryDirectory() as tmp:
             data = load_site(
-                args.site_dir, args.cache or Path(tmp), cfg.preprocess, split_seed=cfg.split_seed
+                args.site_dir,
+                args.cache or Path(tmp),
+                cfg.preprocess,
+                split_seed=cfg.split_seed,
+                fractions=cfg.split,
             )
             info = adapt(net, cfg, data, labels, args.epochs)
     except (ValueError, OSError) as exc:

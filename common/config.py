@@ -178,6 +178,9 @@ class RunConfig:
     # Each site's train/val/test split of its patients; kept apart from ``seed`` so that runs
     # with different seeds are scored on the same held-out hips.
     split_seed: int = 0
+    # Shares of each site's patients in train, val and test ("0.6,0.2,0.2"); an evaluation
+    # federation holds out more for test (benchmarks/evaluation.py).
+    split_fractions: str = "0.6,0.2,0.2"
     # Synthetic federation (simulation only; deployed sites use node config ``data-dir``).
     data_root: str = "data/federation"
     # Simulation only: site folders under data-root taking part, comma-separated (empty: site-00, site-01, ...)
@@ -262,6 +265,16 @@ class RunConfig:
             bad("update-norm-factor", self.update_norm_factor, "use a factor >= 1, or 0 for no bound")
         if any(Path(n.strip()).name != n.strip() for n in self.simulated_sites.split(",") if n.strip()):
             bad("simulated-sites", self.simulated_sites, "name folders under data-root: 'site-00,site-02'")
+        try:
+            split = self.split
+        except ValueError:
+            split = ()
+        if len(split) != 3 or min(split) < 0 or split[0] <= 0 or split[2] <= 0 or abs(sum(split) - 1) > 1e-6:
+            bad(
+                "split-fractions",
+                self.split_fractions,
+                "give train,val,test shares summing to 1, e.g. '0.6,0.2,0.2'",
+            )
         ModelConfig(preset=self.model_preset, fusion=self.fusion, norm=self.norm)  # validates
         check_privacy_settings(self)
 
@@ -288,6 +301,11 @@ class RunConfig:
                 value = str(value)
             values[name] = value
         return cls(**values)
+
+    @property
+    def split(self) -> tuple[float, ...]:
+        """``split_fractions`` as numbers: (train, val, test)."""
+        return tuple(float(v) for v in self.split_fractions.split(","))
 
     def simulated_site(self, partition_id: int) -> str:
         """The site folder a simulated SuperNode of ``partition_id`` reads."""

@@ -46,7 +46,7 @@ def hip_scores(site_dir: Path, model_dir: Path, splits: tuple[str, ...], cache: 
     net, cfg, notes = load_model(model_dir)
     for note in notes:
         print(f"WARNING {note}", file=sys.stderr)
-    data = load_site(site_dir, cache, cfg.preprocess, split_seed=cfg.split_seed)
+    data = load_site(site_dir, cache, cfg.preprocess, split_seed=cfg.split_seed, fractions=cfg.split)
     return site_scores(net, data, splits, where=str(site_dir))
 
 

@@ -26,7 +26,14 @@ def _job(name: str, site_dirs: list[Path], cfg: RunConfig) -> tuple[str, dict, f
     torch.set_num_threads(1)
     started = time.time()
     sites = [
-        load_site(d, Path(cfg.cache_dir) / d.name, cfg.preprocess, split_seed=cfg.split_seed, name=d.name)
+        load_site(
+            d,
+            Path(cfg.cache_dir) / d.name,
+            cfg.preprocess,
+            split_seed=cfg.split_seed,
+            fractions=cfg.split,
+            name=d.name,
+        )
         for d in site_dirs
     ]
     net, _ = train_two_phase(sites, cfg)

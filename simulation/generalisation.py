@@ -105,7 +105,13 @@ class Scored:
 
 def site_data(cfg: RunConfig, site_dir: Path) -> SiteData:
     """A site's preprocessed hips, from (or into) its cache under ``cfg.cache_dir``."""
-    return load_site(site_dir, Path(cfg.cache_dir) / site_dir.name, cfg.preprocess, split_seed=cfg.split_seed)
+    return load_site(
+        site_dir,
+        Path(cfg.cache_dir) / site_dir.name,
+        cfg.preprocess,
+        split_seed=cfg.split_seed,
+        fractions=cfg.split,
+    )
 
 
 def score_net(net: torch.nn.Module, data: SiteData) -> Scored:

@@ -143,6 +143,7 @@ def _preprocess_site(site_dir: Path, cfg: RunConfig) -> str:
         Path(cfg.cache_dir) / site_dir.name,
         cfg.preprocess,
         split_seed=cfg.split_seed,
+        fractions=cfg.split,
         name=site_dir.name,
         progress=lambda m: print("      " + m, flush=True),
     )

@@ -100,7 +100,12 @@ def join_labels(
 
 
 def split_site(
-    split_of: dict[str, str], keys: list[str], stages: np.ndarray, pair_keys: list[str], split_seed: int
+    split_of: dict[str, str],
+    keys: list[str],
+    stages: np.ndarray,
+    pair_keys: list[str],
+    split_seed: int,
+    fractions: tuple[float, ...] = (0.6, 0.2, 0.2),
 ) -> dict[str, str]:
     """Patient key -> ``"train"`` / ``"val"`` / ``"test"``, drawn on the install-independent split ids.
 
@@ -109,6 +114,7 @@ def split_site(
         keys, stages: patient key and stage (1-4, 0 for none) of each hip.
         pair_keys: patient key of each MR/CT pair.
         split_seed: seed of the split.
+        fractions: shares of patients in train, val and test.
     """
     # Small sites: every split gets labelled patients, MR-CT pairs and, where three patients
     # have it, each stage, so that a test set can score all four stages.
@@ -118,6 +124,7 @@ def split_site(
     by_split_id = split_patients(
         sorted(split_of.values()),
         seed=split_seed,
+        fractions=tuple(fractions),
         groups={
             "labelled": set().union(*staged.values()),
             "with MR-CT pairs": {split_of[k] for k in pair_keys},

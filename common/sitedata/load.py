@@ -161,6 +161,7 @@ def load_site(
     split_seed: int = 0,
     name: str | None = None,
     workers: int = 1,
+    fractions: tuple[float, ...] = (0.6, 0.2, 0.2),
     progress: Callable[[str], None] | None = None,
 ) -> SiteData:
     """Build (or reuse from cache) a site's hips and MR/CT pairs.
@@ -180,6 +181,7 @@ def load_site(
             outside ``site_dir``.
         settings: preprocessing settings (default ``PreprocessSettings()``).
         split_seed: seed of the train/val/test split by patient.
+        fractions: shares of patients in train, val and test (run config ``split-fractions``).
         name: the site's name (default: the folder's name).
         workers: processes for the cold path (patients in parallel).
         progress: called with one line per processed patient (no identifiers in it).
@@ -221,7 +223,8 @@ def load_site(
     else:
         index, arrays = cached
     problems.extend(files.show_problem(p) for p in index["problems"])
-    return _assemble(site_name, settings, split_seed, salt, files, index, arrays, hip_labels, problems)
+    split = (split_seed, tuple(fractions))
+    return _assemble(site_name, settings, split, salt, files, index, arrays, hip_labels, problems)
 
 
 def _manual_centres(hip_labels: list[HipLabel]) -> dict[str, dict[str, tuple[float, float, float]]]:
@@ -236,7 +239,7 @@ def _manual_centres(hip_labels: list[HipLabel]) -> dict[str, dict[str, tuple[flo
 def _assemble(
     site_name: str,
     settings: PreprocessSettings,
-    split_seed: int,
+    split: tuple[int, tuple[float, ...]],
     salt: bytes,
     files: SiteFiles,
     index: dict,
@@ -281,7 +284,7 @@ def _assemble(
         pairs_mr=arrays["pairs_mr"].astype(np.float32),
         pairs_ct=arrays["pairs_ct"].astype(np.float32),
         pair_keys=np.array(pair_keys, dtype=f"U{KEY_LENGTH}"),
-        split=split_site(split_of, keys, stages, pair_keys, split_seed),
+        split=split_site(split_of, keys, stages, pair_keys, *split),
         problems=problems,
         stats=site_stats(index, settings, label_values, available, confidence, len(pair_keys)),
         centres=arrays["centres"].astype(np.float64),

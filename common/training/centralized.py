@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.cache_dir / d.name,
                 cfg.preprocess,
                 split_seed=cfg.split_seed,
+                fractions=cfg.split,
                 name=d.name,
                 workers=max(args.workers, 1),
                 progress=print,

@@ -24,7 +24,8 @@ def site_evaluation(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[st
     Args:
         probs: ``(N, 4)`` stage probabilities of the site's held-out hips.
         labels: ``(N,)`` class indices (stage - 1).
-        bins: histogram bins over [0, 1] (finer bins, AUROC closer to the exact value).
+        bins: histogram bins of the score grid (:mod:`common.training.score_bins`; finer bins,
+            AUROC closer to the exact value).
     Returns:
         ``num-examples``, ``score-histogram`` (flattened ``(4, 2, bins)`` counts),
         ``confusion`` (flattened ``4 x 4`` counts, rows = true stage), and the site's own
@@ -45,14 +46,15 @@ def site_evaluation(probs: np.ndarray, labels: np.ndarray, bins: int) -> dict[st
 
 
 def rebin_histograms(hist: np.ndarray, bins: int) -> np.ndarray:
-    """``(C, 2, b)`` counts moved onto ``bins`` equal bins over [0, 1] (float64).
+    """``(C, 2, b)`` counts moved onto the score grid of ``bins`` bins (float64).
 
-    Each old bin's count is shared among the new bins in proportion to their overlap with it:
-    the identity when ``b == bins``, exact sums when ``bins`` divides ``b``, and an even spread of
-    each count over its own interval when the new grid is finer.
+    Both grids are equal bins of the bin coordinate ``t`` on [0, 1] (:mod:`common.training.score_bins`).
+    Each old bin's count is shared among the new bins in proportion to their overlap with it in
+    ``t``: the identity when ``b == bins``, exact sums when ``bins`` divides ``b``, and an even
+    spread of each count over its own interval of ``t`` when the new grid is finer.
     """
     hist = np.asarray(hist, dtype=np.float64)
-    old = np.linspace(0.0, 1.0, hist.shape[-1] + 1)
+    old = np.linspace(0.0, 1.0, hist.shape[-1] + 1)  # edges in t, not in probability
     new = np.linspace(0.0, 1.0, bins + 1)
     overlap = np.clip(
         np.minimum(old[1:, None], new[None, 1:]) - np.maximum(old[:-1, None], new[None, :-1]), 0.0, None

@@ -16,6 +16,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from common.training.score_bins import bin_coordinate
+
 N_CLASSES = 4  # ARCO I-IV, class index = stage - 1
 
 
@@ -131,17 +133,21 @@ def score_histograms(probs: np.ndarray, labels: np.ndarray, bins: int = 1000) ->
     """Per-class score histograms a site can share instead of per-patient scores.
 
     Returns int64 counts ``(C, 2, bins)``: for class c, ``[0]`` histograms ``probs[:, c]`` of the
-    hips that are not class c (negatives) and ``[1]`` of those that are (positives), over equal
-    bins on [0, 1]. Histograms of several sites add up to the pooled histogram.
+    hips that are not class c (negatives) and ``[1]`` of those that are (positives), on the score
+    grid of :mod:`common.training.score_bins` (equal bins in the bin coordinate ``t(p)``: half
+    probability, half log-odds, so confident scores near 0 and 1 are still told apart; edges in
+    probability: ``score_bins.bin_edges(bins)``). Histograms of several sites add up to the pooled
+    histogram.
     """
     probs, labels = _check_staging_inputs(probs, labels)
     if bins < 2:
         raise ValueError(f"score_histograms: bins must be >= 2, got {bins}")
+    coordinate = bin_coordinate(probs)
     hist = np.zeros((probs.shape[1], 2, bins), dtype=np.int64)
     for c in range(probs.shape[1]):
         positive = labels == c
-        hist[c, 0] = np.histogram(probs[~positive, c], bins=bins, range=(0.0, 1.0))[0]
-        hist[c, 1] = np.histogram(probs[positive, c], bins=bins, range=(0.0, 1.0))[0]
+        hist[c, 0] = np.histogram(coordinate[~positive, c], bins=bins, range=(0.0, 1.0))[0]
+        hist[c, 1] = np.histogram(coordinate[positive, c], bins=bins, range=(0.0, 1.0))[0]
     return hist
 
 
@@ -150,10 +156,13 @@ def auroc_from_histograms(hist: np.ndarray) -> dict:
 
     Each bin is one score level weighted by its counts (``roc_auc_score`` with
     ``sample_weight``), so a positive and a negative in the same bin count as half a correct
-    pair, exactly the Mann-Whitney tie rule. The gap to the exact AUROC is at most half the share of
-    positive-negative pairs that share a bin: with 1000 bins, under 1e-3 for scores spread over
-    [0, 1], but a few hundredths for a confident model whose scores crowd below 0.001 and above
-    0.999 (tests/common/training/test_evaluation.py).
+    pair, exactly the Mann-Whitney tie rule. Only the bins' order is used, so any grid in score
+    order will do (:mod:`common.training.score_bins` defines the one sites use). The gap to the
+    exact AUROC is at most half the share of positive-negative pairs that share a bin. With the
+    default 1000 bins, measured over 20 draws of 200 hips (tests/common/training/test_evaluation.py):
+    2.0e-4 macro (7.4e-4 per stage) at most for scores spread over [0, 1], and 8.6e-4 macro
+    (3.5e-3 per stage) for a confident model whose scores crowd below 0.001 and above 0.999
+    (equal bins in p lost up to 0.036 macro, 0.064 per stage, there).
 
     Returns ``{"per_class_auroc": [float | None] * C, "macro_auroc": mean over defined classes
     (NaN if none), "classes": class indices included}``.
@@ -162,7 +171,7 @@ def auroc_from_histograms(hist: np.ndarray) -> dict:
     if hist.ndim != 3 or hist.shape[1] != 2:
         raise ValueError(f"auroc_from_histograms expects (C, 2, bins) counts, got shape {hist.shape}")
     bins = hist.shape[2]
-    levels = (np.arange(bins) + 0.5) / bins
+    levels = (np.arange(bins) + 0.5) / bins  # bin centres in t: only their order matters
     per_class: list[float | None] = []
     for negatives, positives in hist:
         if negatives.sum() == 0 or positives.sum() == 0:

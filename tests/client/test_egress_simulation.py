@@ -10,7 +10,7 @@ in pretraining with an exception text full of identifiers (a path, a name, a UID
 
 "No value identifies a hip" is checked as: every evaluation of fewer hips (pretraining: patients)
 than the site's ``min-release-hips`` is a bare ``withheld`` mark; every histogram has at most
-``max-release-bins`` bins (so a score is known to 1/bins at best); and no string or number sent
+``max-release-bins`` bins (so a score is known only as one of that many bins); and no string or number sent
 is a patient ID, name, DICOM UID, accession number, date, pseudonymous key or file path, or text
 other than the known metric keys, the model's array names, the site's name and the error digests.
 """

@@ -36,6 +36,9 @@ def test_pyproject_config_is_valid_and_complete():
         ({"stage-epochs": 0}, "'stage-epochs' = 0 is invalid"),
         ({"no-such-key": 1}, "unknown run config key 'no-such-key'"),
         ({"update-dtype": "int8"}, "use 'float32' or 'float16'"),
+        ({"split-fractions": "0.6,0.2"}, "'split-fractions' = '0.6,0.2' is invalid: give train,val,test"),
+        ({"split-fractions": "0.5,0.5,0"}, "'split-fractions' = '0.5,0.5,0' is invalid"),
+        ({"split-fractions": "a,b,c"}, "'split-fractions' = 'a,b,c' is invalid"),
     ],
 )
 def test_bad_values_are_named(raw, message):
@@ -95,3 +98,8 @@ def test_ray_address_joins_a_cluster_without_local_resources():
     # ray.init refuses num_cpus/num_gpus when it joins an existing cluster
     assert cluster["init_args"] == {"address": "10.0.0.1:6379"}
     assert cluster["client_resources"] == local["client_resources"]
+
+
+def test_split_fractions_are_read_as_numbers():
+    assert RunConfig().split == (0.6, 0.2, 0.2)
+    assert RunConfig.from_dict({"split-fractions": "0.35,0.1,0.55"}).split == (0.35, 0.1, 0.55)

@@ -431,3 +431,19 @@ def test_split_is_the_same_on_every_install(federation):
         assert "train" in {split[p["patient_id"]] for p in with_ct}
         assert {"train", "test"} <= {split[p["patient_id"]] for p in staged}
         assert len(site.pair_set("train")[0]) > 0
+
+
+
+def test_split_fractions_hold_out_more_patients_for_test():
+    """An evaluation federation's split (run config ``split-fractions``) on a site of 60 patients
+    with both hips labelled in some: more test patients, a patient's hips in one split."""
+    from common.sitedata.assemble import split_site
+
+    split_of = {f"p{i}": f"id{i}" for i in range(60)}
+    keys = [k for k in split_of for _ in (0, 1)]
+    stages = np.array([(i // 2) % 5 for i in range(len(keys))])
+    default = split_site(split_of, keys, stages, list(split_of)[:40], 0)
+    held_out = split_site(split_of, keys, stages, list(split_of)[:40], 0, (0.3, 0.1, 0.6))
+    tests = [sum(v == "test" for v in d.values()) for d in (default, held_out)]
+    assert tests[0] < 20 and tests[1] >= 30
+    assert set(held_out) == set(split_of)
