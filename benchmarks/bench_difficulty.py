@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.evaluation import tuning_seed
 from benchmarks.harness import PRESETS, command, machine, markdown, site_dirs, write_json
 
 WORK = Path("/tmp/onfh-bench/difficulty")
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=PRESETS / "default.toml")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/difficulty.json"))
     args = parser.parse_args(argv)
+    tuning_seed(args.seed)
     cfg = load_run_config(args.config)
     info = machine()
     results: dict = {"command": command("bench_difficulty", argv), **info, "seed": args.seed, "contrasts": {}}

@@ -199,7 +199,7 @@ def train_round(
         stats = train_staging(
             net,
             HipDataset(images, available, stages),
-            cfg.stage_training(seed),
+            cfg.stage_training(seed, phase_round),
             reference_state=reference,
             progress=check,
         )

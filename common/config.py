@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -229,6 +230,9 @@ class RunConfig:
     # 4 local epochs per round: fewer left FedAvg short of the centralized model (docs/benchmarks.md)
     stage_epochs: int = 4
     stage_lr: float = 5e-4
+    # "constant", or "cosine": each federated round's local learning rate decays from stage-lr to
+    # a tenth of it over stage-rounds (late rounds move the global model less: fewer swings)
+    stage_lr_schedule: str = "constant"
     # Hips per staging step (pretraining uses at least 16 pairs). Small on purpose: a site holds
     # 15-25 labelled training hips, so a round of 4 epochs is only a few steps, and FedAvg moves
     # the model about one site's steps per round; 4 doubles the steps at equal compute.
@@ -249,6 +253,8 @@ class RunConfig:
 
         if self.strategy not in STRATEGIES:
             bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
+        if self.stage_lr_schedule not in ("constant", "cosine"):
+            bad("stage-lr-schedule", self.stage_lr_schedule, "use 'constant' or 'cosine'")
         if self.tracking not in ("none", "tensorboard"):
             bad("tracking", self.tracking, "use 'none' or 'tensorboard' (pip install -e '.[tracking]')")
         if self.update_dtype not in ("float32", "float16"):
@@ -346,10 +352,17 @@ class RunConfig:
             select_on_val=False,
         )
 
-    def stage_training(self, round_seed: int) -> TrainConfig:
+    def stage_lr_at(self, phase_round: int | None) -> float:
+        """The staging learning rate of federated round ``phase_round`` (1-based; None: centralized)."""
+        if self.stage_lr_schedule == "constant" or phase_round is None or self.stage_rounds <= 1:
+            return self.stage_lr
+        t = min(max(phase_round - 1, 0), self.stage_rounds - 1) / (self.stage_rounds - 1)
+        return self.stage_lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * t)))
+
+    def stage_training(self, round_seed: int, phase_round: int | None = None) -> TrainConfig:
         return TrainConfig(
             epochs=self.stage_epochs,
-            lr=self.stage_lr,
+            lr=self.stage_lr_at(phase_round),
             batch_size=self.batch_size,
             class_weighted=self.class_weighted,
             augment=self.augment,

@@ -76,7 +76,8 @@ def pooled_local_scores(local: dict[str, dict]):
     """The local-only models' hip scores pooled: each site's test hips scored by its own model."""
     from simulation.generalisation import Scored
 
-    parts = [Scored.from_json(v["scores"]) for v in local.values() if "scores" in v]
+    # Site order, as the other columns, so that paired comparisons line the same hips up.
+    parts = [Scored.from_json(local[name]["scores"]) for name in sorted(local) if "scores" in local[name]]
     return Scored.join(parts) if parts else None
 
 

@@ -29,9 +29,11 @@ from common.config import RunConfig, load_run_config  # noqa: E402
 from common.progress import progress_bar  # noqa: E402
 from simulation.baselines import run_baselines  # noqa: E402
 from simulation.comparison import pooled_intervals, report  # noqa: E402
+from simulation.phantom.difficulty import DIFFICULTIES  # noqa: E402
 
 log = logging.getLogger("onfh.simulate")
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "default.toml"
+DEFAULT_DIFFICULTY = "easy"
 
 
 class _NoRunSimulationNotice(logging.Filter):
@@ -180,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=("default", "tiny"), default="default", help="phantom image size")
     parser.add_argument(
+        "--difficulty",
+        choices=list(DIFFICULTIES),
+        default=DEFAULT_DIFFICULTY,
+        help=f"phantom difficulty (docs/phantom.md; default {DEFAULT_DIFFICULTY})",
+    )
+    parser.add_argument(
         "--data", type=Path, default=Path("data/federation"), help="where the hospitals are written"
     )
     parser.add_argument(
@@ -247,32 +255,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onfh simulate: {exc}", file=sys.stderr)
         return 2
 
-    print(f"[1/4] synthetic hospitals: {args.sites} sites x {args.patients} patients -> {args.data}")
-    generate_federation(args.data, sites=args.sites, patients=args.patients, seed=args.seed, size=args.size)
+    print(
+        f"[1/4] synthetic hospitals: {args.sites} sites x {args.patients} patients, "
+        f"{args.difficulty} phantom -> {args.data}"
+    )
+    generate_federation(
+        args.data,
+        sites=args.sites,
+        patients=args.patients,
+        seed=args.seed,
+        size=args.size,
+        difficulty=args.difficulty,
+    )
     site_dirs = sorted(p for p in args.data.iterdir() if p.is_dir() and p.name.startswith("site-"))
-    site_dirs = site_dirs[: args.sites]
+    compare(cfg, site_dirs[: args.sites], args.ray_address, baselines=not args.no_baselines, started=started)
+    return 0
 
+
+def compare(
+    cfg: RunConfig,
+    site_dirs: list[Path],
+    ray_address: str | None = None,
+    baselines: bool = True,
+    started: float = 0.0,
+) -> list:
+    """Steps 2-4 of the main job on a written federation: preprocessing, the federated run, the
+    baselines, and the report (tables, PNGs, comparison.json in the run folder); returns the files
+    the report wrote."""
+    started = started or time.time()
     print("[2/4] preprocessing each site into its own cache (sites side by side, as in a real federation)")
     preprocess_sites(cfg, site_dirs)
 
-    where = f"Ray cluster {args.ray_address}" if args.ray_address else "Ray on this machine"
+    where = f"Ray cluster {ray_address}" if ray_address else "Ray on this machine"
     print(
         f"[3/4] federated training in Flower's simulation runtime ({cfg.strategy}, "
         f"{cfg.pretrain_rounds} pretraining + {cfg.stage_rounds} staging rounds, {where}) -> {cfg.run_dir}"
     )
     t0 = time.time()
-    federated = run_federated(cfg, len(site_dirs), args.ray_address)
+    federated = run_federated(cfg, len(site_dirs), ray_address)
     fed_seconds = time.time() - t0
 
     central: dict = {}
     local: dict[str, dict] = {}
-    if not args.no_baselines:
+    if baselines:
         print("[4/4] centralized and local-only baselines on the same splits", flush=True)
         central, local = run_baselines(cfg, site_dirs)
     intervals = pooled_intervals(cfg, site_dirs, central, local)
     seconds = {"federated": fed_seconds, "total": time.time() - started}
-    report(cfg, federated, central, local, seconds, intervals)
-    return 0
+    return report(cfg, federated, central, local, seconds, intervals)
 
 
 if __name__ == "__main__":

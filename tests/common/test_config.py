@@ -103,3 +103,14 @@ def test_ray_address_joins_a_cluster_without_local_resources():
 def test_split_fractions_are_read_as_numbers():
     assert RunConfig().split == (0.6, 0.2, 0.2)
     assert RunConfig.from_dict({"split-fractions": "0.35,0.1,0.55"}).split == (0.35, 0.1, 0.55)
+
+
+def test_cosine_schedule_decays_the_staging_rate_from_stage_lr_to_a_tenth():
+    cfg = RunConfig(stage_lr_schedule="cosine", stage_rounds=8, stage_lr=1e-3)
+    rates = [cfg.stage_training(0, r).lr for r in range(1, 9)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert cfg.stage_training(0).lr == 1e-3  # centralized training: no rounds
+    assert RunConfig().stage_training(0, 8).lr == RunConfig().stage_lr
+    with pytest.raises(ValueError, match="'stage-lr-schedule' = 'step' is invalid"):
+        RunConfig(stage_lr_schedule="step")

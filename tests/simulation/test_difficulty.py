@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -155,3 +157,30 @@ def test_ct_shows_the_subchondral_plate_intact_at_stage_one(seed):
     healthy, stage_one = _plate_profile(0, seed), _plate_profile(1, seed)
     plate = slice(12, 22)  # 2 mm under the surface to 0.5 mm above it
     assert np.max(np.abs(healthy[plate] - stage_one[plate])) < 40.0
+
+
+def test_the_evaluation_federation_holds_at_least_300_labelled_test_hips_at_5_sites():
+    """Counted from the generator's plans and the sites' split (no image rendered): the
+    evaluation federation's size is a property, not a hope."""
+    from benchmarks.evaluation import DIFFICULTY, EVALUATION_SEED, PATIENTS, SITES, tuning_seed
+    from common.config import load_run_config
+    from common.sitedata.assemble import split_site
+    from common.sitedata.privacy import split_id
+    from simulation.synth.federation import _site_counts
+
+    cfg = load_run_config(Path(__file__).parents[2] / "presets" / "evaluation.toml")
+    difficulty = difficulty_named(DIFFICULTY)
+    test_hips = []
+    for index, count in enumerate(_site_counts(SITES, PATIENTS, 0.0)):
+        plans = plan_patients(
+            make_site(index, EVALUATION_SEED, count, "default", difficulty), EVALUATION_SEED
+        )
+        keys = [p.patient_id for p in plans for side in ("L", "R") if p.labelled[side]]
+        stages = np.array([p.label_stages[side] for p in plans for side in ("L", "R") if p.labelled[side]])
+        split_of = {p.patient_id: split_id(p.patient_id) for p in plans}
+        with_ct = [p.patient_id for p in plans if p.has_ct]
+        split = split_site(split_of, keys, stages, with_ct, cfg.split_seed, cfg.split)
+        test_hips.append(sum(split[k] == "test" for k in keys))
+    assert SITES >= 5 and min(test_hips) > 0 and sum(test_hips) >= 300, test_hips
+    with pytest.raises(SystemExit, match="reserved for reporting"):
+        tuning_seed(EVALUATION_SEED)

@@ -1,0 +1,145 @@
+"""The evaluation federation: the federation benchmark figures are reported on, and nothing is tuned on.
+
+Its data seed, ``EVALUATION_SEED``, is reserved: no default, budget, split or phantom knob is chosen
+while looking at a result from it (tuning uses other seeds: the difficulty sweep 101, the
+generalisation benchmark 2026 and 3031), and ``tuning_seed`` refuses it. 5 sites x 100 patients
+of the ``clinical`` phantom at the default size, 60 % of each site's patients held out for test
+(``presets/evaluation.toml``): about 350 labelled test hips, where the main job has about 30.
+
+On it, per training seed (``--seeds``; the data stay the same), the main job's comparison with the
+main job's budget: federated FedAvg, centralized, local-only, each with patient-level 95% intervals
+and the federated model's paired differences; and the floors a pooled AUROC must beat (site prior,
+radiomics). Results: ``benchmarks/results/evaluation.json`` and the table printed.
+
+Usage (from the repository root; about 40 min per training seed on 2 cores):
+    .venv/bin/python -m benchmarks.evaluation --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import PRESETS, command, machine, markdown, site_dirs, write_json
+
+EVALUATION_SEED = 4242
+SITES, PATIENTS, DIFFICULTY = 5, 100, "clinical"
+WORK = Path("/tmp/onfh-bench/evaluation")
+COLUMNS = ("federated", "centralized", "local-only")
+
+
+def tuning_seed(seed: int) -> int:
+    """``seed`` if it may be used to choose anything; the evaluation seed is refused."""
+    if seed == EVALUATION_SEED:
+        raise SystemExit(
+            f"seed {seed} is the evaluation federation's, reserved for reporting (benchmarks/evaluation.py): "
+            "tune on another seed"
+        )
+    return seed
+
+
+def evaluation_federation(data: Path = WORK / "federation") -> list[Path]:
+    """Write (or reuse) the evaluation federation; its site folders."""
+    from simulation.synth.federation import generate_federation
+
+    generate_federation(data, sites=SITES, patients=PATIENTS, seed=EVALUATION_SEED, difficulty=DIFFICULTY)
+    return site_dirs(data)
+
+
+def floors(cfg, dirs: list[Path]) -> dict:
+    """What knowing the site alone, and a radiomics model, score on the test hips."""
+    from simulation.generalisation import site_data
+    from simulation.radiomics import radiomics_auroc, site_prior_auroc
+
+    sites = [site_data(cfg, d) for d in dirs]
+    fit_on = ("train", "val")
+    return {
+        "site prior": site_prior_auroc(sites, "test", fit_on),
+        "radiomics": radiomics_auroc(sites, "test", fit_on),
+        "labelled test hips": int(sum(len(s.staging_set("test")[2]) for s in sites)),
+        "labelled train hips": int(sum(len(s.staging_set("train")[2]) for s in sites)),
+    }
+
+
+def run_seed(seed: int, dirs: list[Path]) -> dict:
+    """The main job's comparison with training seed ``seed``; its comparison.json."""
+    from common.config import load_run_config
+    from simulation.main_job import compare
+
+    cfg = load_run_config(
+        PRESETS / "evaluation.toml",
+        seed=seed,
+        data_root=str((WORK / "federation").resolve()),
+        cache_dir=str((WORK / "cache").resolve()),
+        output_dir=str((WORK / "runs").resolve()),
+        run_name=f"evaluation-seed{seed}",
+    )
+    compare(cfg, dirs)
+    return json.loads((cfg.run_dir / "comparison.json").read_text())
+
+
+def table(results: dict) -> str:
+    rows = []
+    for seed, run in results["seeds"].items():
+        figures = run["pooled-patient-level"]
+        row = [seed]
+        for column in COLUMNS:
+            v = figures.get(column)
+            ci = v["ci95"]["macro-auroc"] if v else None
+            row.append("-" if v is None else f"{v['macro-auroc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f})")
+        for other in ("centralized", "local-only"):
+            d = figures.get("federated", {}).get(f"minus {other}")
+            row.append(
+                "-"
+                if d is None
+                else f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}), p={d['p']:.2f}"
+            )
+        rows.append(row)
+    header = ["training seed", *[f"{c}: macro AUROC (95% CI)" for c in COLUMNS]]
+    return markdown(header + ["federated minus centralized", "federated minus local-only"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.config import load_run_config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/evaluation.json"))
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    dirs = evaluation_federation()
+    cfg = load_run_config(PRESETS / "evaluation.toml", cache_dir=str((WORK / "cache").resolve()))
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results = {
+        "command": command("evaluation", argv),
+        **machine(),
+        "federation": {
+            "seed": EVALUATION_SEED,
+            "sites": SITES,
+            "patients": PATIENTS,
+            "difficulty": DIFFICULTY,
+        },
+        "seeds": previous.get("seeds", {}),
+    }
+    for seed in args.seeds:
+        if str(seed) in results["seeds"]:
+            continue  # a cut run continues where it stopped
+        run = run_seed(seed, dirs)
+        results["seeds"][str(seed)] = {k: run[k] for k in ("pooled-patient-level", "table", "total-seconds")}
+        write_json(args.out, results)
+    results["floors"] = floors(cfg, dirs)
+    results["seconds"] = round(time.time() - t0)
+    write_json(args.out, results)
+    print(table(results))
+    print(f"floors on the test hips: {results['floors']}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
