@@ -4,7 +4,8 @@ A site releases its scores only as per-class histograms of at most ``max-release
 (``client.policy.ReleaseBounds``); the server computes the pooled AUROC from the summed counts,
 a positive and a negative in the same bin counting as half a correct pair
 (``common.training.metrics.auroc_from_histograms``). This measures what the binning costs: on
-synthetic score sets, the AUROC from ``score_histograms`` at 5, 10, 20, 50, 100 and 1000 bins
+synthetic score sets, the AUROC from ``score_histograms`` (on the sites' score grid,
+``common.training.score_bins``: half probability, half log-odds) at 5, 10, 20, 50, 100 and 1000 bins
 (and two sites at 10 and 20 bins, pooled by ``common.training.evaluation.pool_histograms``)
 minus scikit-learn's exact ``roc_auc_score`` on the same scores.
 

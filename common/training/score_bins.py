@@ -14,7 +14,7 @@ bin, where a positive and a negative tie at one half though the exact AUROC orde
 is wider than ``4 L / B`` (0.08 at 1000 bins) in log-odds anywhere in that range; the other half
 is ``p`` itself, so in the middle no bin is wider than about ``1.8 / B`` in probability, and a
 coarse release (20 bins) still separates spread scores. A pure logit grid would put all of
-``0.17 < p < 0.83`` into two of 20 bins. Scores below ``p = 2e-9`` (above ``1 - 2e-9``) share the
+``0.12 < p < 0.88`` into two of 20 bins. Scores below ``p = 2e-9`` (above ``1 - 2e-9``) share the
 first (last) bin, as exact float32 softmax outputs of 0 and 1 would anyway.
 
 Everything that reads a histogram bin by bin (the pooled AUROC, its intervals, ROC curves,
@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
-LOGIT_LIMIT = 20.0  # log-odds binned on [-20, 20]: p from 2.1e-9 to 1 - 2.1e-9
+# Log-odds binned on [-20, 20] (p from 2.1e-9 to 1 - 2.1e-9): past float32 softmax's last step below 1
+# (log-odds 16.6). With 16, confident float64 test scores still lost 0.004 of macro AUROC at 1000 bins;
+# a wider range makes coarse grids coarser in the middle.
+LOGIT_LIMIT = 20.0
 SHARE_OF_P = 0.5  # share of the bin coordinate that is uniform in p (the rest is uniform in log-odds)
 
 
