@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import site_dirs, write_json
-from common.config import PreprocessSettings
 from common.problems import ProblemLog
 from common.sitedata.dicom import load_volume, scan_site
 from common.sitedata.femoral_head import LocalizationError, localize_femoral_heads
 from common.sitedata.hip_crop import crop_hip_protocols
 from common.sitedata.registration import ct_pairs_for_hip, register_rigid
+from common.sitedata.settings import PreprocessSettings
 
 STEPS = ("decode", "localise", "crop", "register", "pairs")
 NEAR_HEAD_MM = 30.0  # registration error is measured over points this close to each head
@@ -106,7 +106,7 @@ def _load_site_cold(data: Path, workers: int) -> dict:
     """Cold ``load_site`` of every site in a fresh process per site (cache in a temp folder)."""
     code = (
         "import sys,time;from pathlib import Path;from common.sitedata.load import load_site;"
-        "from common.config import PreprocessSettings;t=time.perf_counter();"
+        "from common.sitedata.settings import PreprocessSettings;t=time.perf_counter();"
         "load_site(Path(sys.argv[1]),Path(sys.argv[2]),PreprocessSettings(),split_seed=0,workers=int(sys.argv[3]));"
         "print(time.perf_counter()-t)"
     )

@@ -41,8 +41,9 @@ from client.site_kit import (
     site_home,
 )
 from common.cli import description
-from common.config import PreprocessSettings, RunConfig
+from common.config import RunConfig
 from common.deployment import flwr_env, stop_process_tree
+from common.sitedata.settings import PreprocessSettings
 
 __all__ = [
     "DataUnusable",

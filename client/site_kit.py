@@ -14,11 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import PreprocessSettings
 from common.deployment import split_address
 from common.files import user_cache_dir
 from common.keys import private_key_problem
 from common.sitedata.load import load_site
+from common.sitedata.settings import PreprocessSettings
 
 
 class SiteRefused(RuntimeError):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.config import STAGES, PreprocessSettings
+from common.config import STAGES
 from common.problems import ProblemLog
 from common.sitedata.labels import HipLabel, split_patients
 from common.sitedata.patient import SIDES, PatientResult
 from common.sitedata.privacy import KEY_LENGTH, patient_key
+from common.sitedata.settings import PreprocessSettings
 
 LOW_CONFIDENCE = 0.5  # localisation confidence below which a hip is worth a look
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import PreprocessSettings
 from common.problems import ProblemLog, first_line
 from common.progress import progress_bar
 from common.sitedata import cache
@@ -18,6 +17,7 @@ from common.sitedata.dicom import PatientScan, scan_site
 from common.sitedata.patient import SIDES, PatientResult
 from common.sitedata.pool import PatientJob, run_jobs
 from common.sitedata.privacy import SiteFiles, patient_key, split_id
+from common.sitedata.settings import PreprocessSettings
 
 Centres = dict[str, tuple[float, float, float]]  # side -> femoral-head centre, LPS mm
 

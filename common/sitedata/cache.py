@@ -17,11 +17,11 @@ from types import ModuleType
 
 import numpy as np
 
-from common.config import PreprocessSettings
 from common.files import npz_bytes, save_npz_atomic, write_atomic
 from common.sitedata.labels import LABELS_FILE
 from common.sitedata.patient import SIDES, PatientResult
 from common.sitedata.privacy import SiteFiles
+from common.sitedata.settings import PreprocessSettings
 
 CACHE_VERSION = 4  # 4: settings.json in each bucket, code fingerprint over module objects
 SETTINGS_FILE = "settings.json"

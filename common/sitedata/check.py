@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import PreprocessSettings
 from common.files import user_cache_dir
 from common.problems import SEVERITIES
 from common.sitedata.load import LOW_CONFIDENCE, SiteData, load_site
+from common.sitedata.settings import PreprocessSettings
 
 STAGE_NAMES: dict[int, str] = {1: "I", 2: "II", 3: "III", 4: "IV"}
 MAX_LISTED = 8  # folders listed per line before "and N more"

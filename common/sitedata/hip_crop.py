@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from common.config import HipGrid, PreprocessSettings
+from common.sitedata.settings import HipGrid, PreprocessSettings
 from common.sitedata.volume import Volume
 
 # A protocol whose volume holds fewer than this share of the crop's points counts as missing.

@@ -25,7 +25,6 @@ from types import ModuleType
 
 import numpy as np
 
-from common.config import PreprocessSettings
 from common.problems import ProblemLog
 from common.sitedata import (
     assemble,
@@ -45,6 +44,7 @@ from common.sitedata import (
 from common.sitedata.assemble import LOW_CONFIDENCE, join_labels, site_stats, split_site
 from common.sitedata.labels import LABELS_FILE, HipLabel, read_labels
 from common.sitedata.privacy import KEY_LENGTH, SiteFiles, patient_key, site_salt, split_id
+from common.sitedata.settings import PreprocessSettings
 
 __all__ = [
     "LABELS_FILE",

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.config import PreprocessSettings
 from common.problems import Problem, ProblemLog, first_line
 from common.sitedata.dicom import PatientScan, load_volume
 from common.sitedata.femoral_head import LocalizationError, localize_femoral_heads
 from common.sitedata.hip_crop import crop_hip_protocols
 from common.sitedata.registration import ct_pairs_for_hip, register_rigid
+from common.sitedata.settings import PreprocessSettings
 from common.sitedata.volume import Volume
 
 SIDES: tuple[str, ...] = ("R", "L")

@@ -10,9 +10,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import PreprocessSettings
 from common.sitedata.dicom import PatientScan
 from common.sitedata.patient import PatientResult, failed_result, process_patient_safely
+from common.sitedata.settings import PreprocessSettings
 
 
 @dataclass

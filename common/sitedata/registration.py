@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from common.config import PreprocessSettings
 from common.sitedata.hip_crop import (
     antialias_sigma,
     crop_coverage,
@@ -19,6 +18,7 @@ from common.sitedata.hip_crop import (
     sub_volume,
     world_to_index,
 )
+from common.sitedata.settings import PreprocessSettings
 from common.sitedata.volume import Volume
 
 # Coarse-to-fine levels: (grid spacing mm, share of the iterations, Adam step in mm, MR points).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import HipGrid, PreprocessSettings
 from common.sitedata.hip_crop import (
     HipCrops,
     crop_hip,
@@ -14,6 +13,7 @@ from common.sitedata.hip_crop import (
     normalise_mr,
     sample_points,
 )
+from common.sitedata.settings import HipGrid, PreprocessSettings
 from common.sitedata.volume import Volume
 from tests.common.sitedata.test_femoral_head import make_affine
 

@@ -433,7 +433,6 @@ def test_split_is_the_same_on_every_install(federation):
         assert len(site.pair_set("train")[0]) > 0
 
 
-
 def test_split_fractions_hold_out_more_patients_for_test():
     """An evaluation federation's split (run config ``split-fractions``) on a site of 60 patients
     with both hips labelled in some: more test patients, a patient's hips in one split."""

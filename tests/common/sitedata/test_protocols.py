@@ -59,7 +59,7 @@ def test_ct_and_other_modalities() -> None:
 
 
 def test_default_keys_in_settings_order() -> None:
-    from common.config import DEFAULT_PROTOCOLS
+    from common.sitedata.settings import DEFAULT_PROTOCOLS
 
     assert ProtocolRules.default().keys == DEFAULT_PROTOCOLS
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from common.config import HipGrid, PreprocessSettings
 from common.sitedata.registration import (
     RegistrationResult,
     _FixedImageMI,
@@ -16,6 +15,7 @@ from common.sitedata.registration import (
     normalise_ct,
     register_rigid,
 )
+from common.sitedata.settings import HipGrid, PreprocessSettings
 from common.sitedata.volume import Volume
 from tests.common.sitedata.test_femoral_head import make_affine, make_pelvis
 
