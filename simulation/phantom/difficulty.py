@@ -61,7 +61,7 @@ class Difficulty:
 EASY = Difficulty()
 # Chosen by the sweep in docs/phantom.md ("Difficulty") on tuning seeds, never the evaluation seed.
 CLINICAL = Difficulty(
-    mr_lesion_contrast=0.35,
+    mr_lesion_contrast=0.1,
     cue_overlap=0.3,
     marrow_by_stage=False,
     lesion_spread=1.0,
