@@ -29,11 +29,10 @@ from common.config import RunConfig, load_run_config  # noqa: E402
 from common.progress import progress_bar  # noqa: E402
 from simulation.baselines import run_baselines  # noqa: E402
 from simulation.comparison import pooled_intervals, report  # noqa: E402
-from simulation.phantom.difficulty import DIFFICULTIES  # noqa: E402
+from simulation.phantom.difficulty import CLI_DEFAULT, DIFFICULTIES  # noqa: E402
 
 log = logging.getLogger("onfh.simulate")
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "default.toml"
-DEFAULT_DIFFICULTY = "easy"
 
 
 class _NoRunSimulationNotice(logging.Filter):
@@ -184,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--difficulty",
         choices=list(DIFFICULTIES),
-        default=DEFAULT_DIFFICULTY,
-        help=f"phantom difficulty (docs/phantom.md; default {DEFAULT_DIFFICULTY})",
+        default=CLI_DEFAULT,
+        help=f"phantom difficulty (docs/phantom.md; default {CLI_DEFAULT})",
     )
     parser.add_argument(
         "--data", type=Path, default=Path("data/federation"), help="where the hospitals are written"

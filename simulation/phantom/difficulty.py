@@ -69,6 +69,9 @@ CLINICAL = Difficulty(
     reader_disagreement=0.1,
 )
 DIFFICULTIES: dict[str, Difficulty] = {"easy": EASY, "clinical": CLINICAL}
+# What `onfh synth` and `onfh simulate` write unless told otherwise. (``generate_federation``'s own
+# default stays ``easy``: the tests' small federations must be learnable in a round or two.)
+CLI_DEFAULT = "clinical"
 
 
 def difficulty_named(name: str, **overrides: float) -> Difficulty:

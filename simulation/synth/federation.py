@@ -29,7 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from common.progress import progress_bar
-from simulation.phantom.difficulty import DIFFICULTIES, Difficulty, difficulty_named
+from simulation.phantom.difficulty import CLI_DEFAULT, DIFFICULTIES, Difficulty, difficulty_named
 from simulation.synth.patient import patient_job
 from simulation.synth.plan import NAMING_SCHEMES, SIZES, SiteProfile, make_site, plan_patients
 
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--difficulty",
         choices=list(DIFFICULTIES),
-        default="easy",
-        help="how hard staging is: 'easy' (every cue clear) or 'clinical' (calibrated; docs/phantom.md)",
+        default=CLI_DEFAULT,
+        help=f"how hard staging is: 'clinical' (calibrated; docs/phantom.md) or 'easy' (every cue clear); default {CLI_DEFAULT}",
     )
     parser.add_argument(
         "--mr-lesion-contrast",

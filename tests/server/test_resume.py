@@ -76,7 +76,9 @@ def simulate(
 ) -> subprocess.Popen:
     """``onfh simulate`` on the tiny federation in its own process group (so it can be killed whole),
     held at ``hold`` (``PHASE:ROUND`` after that checkpoint, or ``transfer``) when given."""
-    cmd = [sys.executable, str(workdir / "held_simulate.py"), *"--sites 2 --patients 6 --size tiny".split()]
+    # --difficulty easy: the session's tiny federation as written (another would be regenerated).
+    args = "--sites 2 --patients 6 --size tiny --difficulty easy"
+    cmd = [sys.executable, str(workdir / "held_simulate.py"), *args.split()]
     cmd += ["--data", str(federation), "--config", str(workdir / config), "--run-name", run_name]
     cmd += ["--no-baselines", "--resume"] if resume else ["--no-baselines"]
     env = {
