@@ -29,7 +29,7 @@ from common.config import RunConfig, load_run_config  # noqa: E402
 from common.progress import progress_bar  # noqa: E402
 from simulation.baselines import run_baselines  # noqa: E402
 from simulation.comparison import pooled_intervals, report  # noqa: E402
-from simulation.phantom.difficulty import CLI_DEFAULT, DIFFICULTIES  # noqa: E402
+from simulation.phantom.difficulty import add_difficulty_option  # noqa: E402
 
 log = logging.getLogger("onfh.simulate")
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "default.toml"
@@ -180,12 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patients", type=int, default=30, help="patients per hospital (default 30)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=("default", "tiny"), default="default", help="phantom image size")
-    parser.add_argument(
-        "--difficulty",
-        choices=list(DIFFICULTIES),
-        default=CLI_DEFAULT,
-        help=f"phantom difficulty (docs/phantom.md; default {CLI_DEFAULT})",
-    )
+    add_difficulty_option(parser)
     parser.add_argument(
         "--data", type=Path, default=Path("data/federation"), help="where the hospitals are written"
     )

@@ -85,6 +85,17 @@ def difficulty_named(name: str, **overrides: float) -> Difficulty:
     return replace(DIFFICULTIES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def add_difficulty_option(parser) -> None:
+    """``--difficulty`` of ``onfh synth`` and ``onfh simulate`` (an ``argparse`` parser)."""
+    parser.add_argument(
+        "--difficulty",
+        choices=list(DIFFICULTIES),
+        default=CLI_DEFAULT,
+        help=f"how hard staging is: 'clinical' (calibrated; docs/phantom.md) or 'easy' (every cue clear); "
+        f"default {CLI_DEFAULT}",
+    )
+
+
 def reader_label(true_stage: int, rng: np.random.Generator, disagreement: float) -> int:
     """The stage a reader writes for a hip of ``true_stage`` (1-4): a neighbour with chance
     ``disagreement`` (either side with equal chance; the only neighbour at stages I and IV)."""

@@ -29,7 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from common.progress import progress_bar
-from simulation.phantom.difficulty import CLI_DEFAULT, DIFFICULTIES, Difficulty, difficulty_named
+from simulation.phantom.difficulty import Difficulty, add_difficulty_option, difficulty_named
 from simulation.synth.patient import patient_job
 from simulation.synth.plan import NAMING_SCHEMES, SIZES, SiteProfile, make_site, plan_patients
 
@@ -253,12 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "--size-skew", type=float, default=0.0, help="0-0.9: spread patient counts across sites"
     )
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
-    parser.add_argument(
-        "--difficulty",
-        choices=list(DIFFICULTIES),
-        default=CLI_DEFAULT,
-        help=f"how hard staging is: 'clinical' (calibrated; docs/phantom.md) or 'easy' (every cue clear); default {CLI_DEFAULT}",
-    )
+    add_difficulty_option(parser)
     parser.add_argument(
         "--mr-lesion-contrast",
         type=float,
