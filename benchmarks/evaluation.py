@@ -84,6 +84,8 @@ def run_seed(seed: int, dirs: list[Path]) -> dict:
 
 
 def table(results: dict) -> str:
+    from simulation.comparison import p_value
+
     rows = []
     for seed, run in results["seeds"].items():
         figures = run["pooled-patient-level"]
@@ -97,7 +99,7 @@ def table(results: dict) -> str:
             row.append(
                 "-"
                 if d is None
-                else f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}), p={d['p']:.2f}"
+                else f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}), {p_value(d['p'])}"
             )
         rows.append(row)
     header = ["training seed", *[f"{c}: macro AUROC (95% CI)" for c in COLUMNS]]

@@ -159,12 +159,17 @@ def pooled_intervals(cfg: RunConfig, site_dirs: list[Path], central: dict, local
     return summaries
 
 
+def p_value(p: float, reps: int = 1000) -> str:
+    """``p = 0.18``, or ``p < 0.001`` where no bootstrap draw of ``reps`` crossed zero."""
+    return f"p < {1 / reps:g}" if p < 1 / reps else f"p = {p:.2f}" if p >= 0.01 else f"p = {p:.3f}"
+
+
 def paired_lines(intervals: dict[str, dict]) -> list[str]:
     """``federated minus centralized: +0.012 (-0.031 to +0.050), p = 0.61`` for each paired difference."""
     federated = intervals.get("federated", {})
     return [
         f"federated {key}: macro AUROC {v['difference']:+.3f} ({v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f}), "
-        f"p = {v['p']:.2f}"
+        f"{p_value(v['p'])}"
         for key, v in federated.items()
         if key.startswith("minus ")
     ]
