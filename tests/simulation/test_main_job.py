@@ -50,5 +50,10 @@ def test_the_table_shows_patient_level_intervals_for_every_column(simulated):
     # AUROC comes from 200-bin histograms here, the tiny preset's; ties in a bin move a tiny set's.)
     assert pooled["federated"]["accuracy"] == pytest.approx(results["test"]["accuracy"], abs=1e-9)
     assert "pooled, 95% CI (patients resampled)" in stdout
+    # Paired differences on the same hips, the same patient draws for both models.
+    for other in ("centralized", "local-only"):
+        paired = pooled["federated"][f"minus {other}"]
+        assert set(paired) == {"difference", "ci95", "p"} and 0 <= paired["p"] <= 1
+        assert f"federated minus {other}: macro AUROC" in stdout
     table = (run_dir / "comparison.md").read_text()
     assert "pooled, 95% CI (patients resampled)" in table and "balanced accuracy" in table
