@@ -41,6 +41,7 @@ from common.sitedata import (
     registration,
     volume,
 )
+from common.sitedata import settings as settings_module  # a name apart from load_site's `settings`
 from common.sitedata.assemble import LOW_CONFIDENCE, join_labels, site_stats, split_site
 from common.sitedata.labels import LABELS_FILE, HipLabel, read_labels
 from common.sitedata.privacy import KEY_LENGTH, SiteFiles, patient_key, site_salt, split_id
@@ -79,6 +80,7 @@ PREPROCESSING_MODULES: tuple[ModuleType, ...] = (
     assemble,
     cache,
     build,
+    settings_module,
     sys.modules[__name__],  # this module: load_site's cache keys and the site index
 )
 
