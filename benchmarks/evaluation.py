@@ -11,7 +11,7 @@ main job's budget: federated FedAvg, centralized, local-only, each with patient-
 and the federated model's paired differences; and the floors a pooled AUROC must beat (site prior,
 radiomics). Results: ``benchmarks/results/evaluation.json`` and the table printed.
 
-Usage (from the repository root; about 40 min per training seed on 2 cores):
+Usage (from the repository root; 66 min for one training seed on 2 cores shared with other jobs):
     .venv/bin/python -m benchmarks.evaluation --seeds 0 1 2
 """
 
