@@ -1,0 +1,28 @@
+"""The convergence benchmark chooses on tuning data, and measures the swing it claims to."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import bench_convergence
+from benchmarks.evaluation import EVALUATION_SEED
+
+
+def test_the_convergence_benchmark_never_looks_at_the_evaluation_federation():
+    assert bench_convergence.SEED != EVALUATION_SEED
+    train, val, test = (float(x) for x in bench_convergence.SPLIT.split(","))
+    assert val >= 0.5 and train == 0.3  # the evaluation federation's training share; large validation
+
+
+def test_summary_measures_the_swing_over_the_last_rounds_and_stage_two_recall():
+    aurocs = [0.70, 0.90, 0.80, 0.84, 0.78]
+    recalls = [0.0, 0.1, 0.5, 0.4, 0.2]
+    rounds = [
+        {"round": i + 1, "evaluate": {"macro-auroc": a, "sensitivity-stage-2": r}}
+        for i, (a, r) in enumerate(zip(aurocs, recalls, strict=True))
+    ]
+    s = bench_convergence.summarise(rounds, seconds=12.4)
+    assert s["swing-last-3"] == pytest.approx(0.06)  # 0.84 - 0.78, not the 0.20 of all rounds
+    assert s["mean-last-3"] == pytest.approx(0.8067, abs=1e-4)
+    assert (s["best"], s["best-round"], s["last"]) == (0.90, 2, 0.78)
+    assert s["recall-stage-II-last"] == 0.2 and s["seconds"] == 12
