@@ -26,3 +26,23 @@ def test_summary_measures_the_swing_over_the_last_rounds_and_stage_two_recall():
     assert s["mean-last-3"] == pytest.approx(0.8067, abs=1e-4)
     assert (s["best"], s["best-round"], s["last"]) == (0.90, 2, 0.78)
     assert s["recall-stage-II-last"] == 0.2 and s["seconds"] == 12
+
+
+def test_the_rule_takes_the_best_stable_candidate_and_the_cheaper_when_near():
+    def run(mean, swing, recall, seconds):
+        return {
+            "mean-last-3": mean,
+            "swing-last-3": swing,
+            "recall-stage-II-last": recall,
+            "seconds": seconds,
+        }
+
+    runs = {
+        "swinging": run(0.90, 0.05, 0.6, 100),  # best mean, but not settled
+        "collapsed": run(0.89, 0.01, 0.05, 100),  # settled, but stage II lost
+        "slow": run(0.85, 0.02, 0.4, 900),
+        "fast": run(0.845, 0.02, 0.4, 300),  # within 0.01 of "slow": the cheaper one
+        "worse": run(0.80, 0.01, 0.5, 50),
+    }
+    assert bench_convergence.choose(runs) == "fast"
+    assert bench_convergence.choose({"swinging": runs["swinging"]}) is None
