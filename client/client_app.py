@@ -11,7 +11,11 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import delivery, ledger, secagg, tasks
+from client import ledger, secagg
+
+# Flower starts a fresh ClientApp process for every message, and most messages of a round are
+# steps of secure aggregation that need neither torch nor MONAI (about 5 s to import on 2 cores):
+# the handlers that train, evaluate or deliver import client.tasks / client.delivery themselves.
 from client.policy import Deadline, PolicyError, PolicyRefusal, ReleaseBounds, SitePolicy
 from common.config import RunConfig, SiteConfig
 from common.records import from_record, to_record
@@ -142,6 +146,8 @@ def _secure_record(msg: Message, context: Context, site: SiteConfig, policy: Sit
 
 
 def handle_train(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
+    from client import tasks
+
     cfg, site, policy, deadline = _setup(context, overrides)
     config = msg.content["config"]
     phase, phase_round = str(config["phase"]), int(config["phase-round"])
@@ -195,6 +201,8 @@ def _masked_update(
 
 
 def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -> Message:
+    from client import tasks
+
     cfg, site, policy, deadline = _setup(context, overrides)
     config = msg.content["config"]
     phase, split = str(config.get("phase", "stage")), str(config.get("split", "val"))
@@ -238,11 +246,15 @@ def handle_query(msg: Message, context: Context, overrides: dict[str, Any]) -> M
     if step is not None:
         return _reply(msg, context, site, {}, secure=step(config, context.state))
     if config.get("query") == "deliver":  # the run's final model: kept here, only an acknowledgement leaves
+        from client import delivery
+
         card = json.loads(str(config["card"]))
         delivery.save_delivered_model(
             context.node_config, site, cfg, from_record(msg.content["arrays"]), card
         )
         return _reply(msg, context, site, {"delivered": 1})
+    from client import tasks
+
     return _reply(msg, context, site, tasks.inventory(site, cfg))
 
 

@@ -153,8 +153,13 @@ def runs(kit: AdminKit, run_id: int | None = None) -> list[dict]:
     return list(_json_reply(kit.flwr(*args), "flwr ls").get("runs", []))
 
 
-def wait_finished(kit: AdminKit, run_id: int, timeout_s: float, poll_s: float = 3.0) -> dict:
-    """Poll ``flwr ls`` until run ``run_id`` is finished (any sub-status); returns its entry."""
+def wait_finished(
+    kit: AdminKit, run_id: int, timeout_s: float, poll_s: float = 2.0, max_poll_s: float = 15.0
+) -> dict:
+    """Poll ``flwr ls`` until run ``run_id`` is finished (any sub-status); returns its entry.
+
+    Each ``flwr ls`` costs a few CPU seconds (a fresh Flower CLI), so the interval grows from
+    ``poll_s`` to ``max_poll_s``: a run of minutes is not slowed by the watching of it."""
     deadline = time.monotonic() + timeout_s
     while True:
         entry = runs(kit, run_id)[0]
@@ -163,6 +168,7 @@ def wait_finished(kit: AdminKit, run_id: int, timeout_s: float, poll_s: float = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"run {run_id} is still {entry.get('status')} after {timeout_s:.0f} s")
         time.sleep(poll_s)
+        poll_s = min(max_poll_s, poll_s * 1.5)
 
 
 def logs(kit: AdminKit, run_id: int, follow: bool = False) -> str:

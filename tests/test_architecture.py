@@ -118,3 +118,14 @@ def test_every_module_says_what_it_is(path: Path) -> None:
         return
     doc = ast.get_docstring(tree)
     assert doc and doc.strip(), f"{path} opens with no docstring: add one line saying what it is"
+
+
+def test_the_client_app_loads_without_torch():
+    """Flower starts a ClientApp process per message; the secure-aggregation steps, most of a round's
+    messages, must not pay for importing torch and MONAI."""
+    import subprocess
+    import sys
+
+    code = "import sys, client.client_app; print(sorted({'torch', 'monai'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
