@@ -11,11 +11,10 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import ledger, secagg
-
 # Flower starts a fresh ClientApp process for every message, and most messages of a round are
-# steps of secure aggregation that need neither torch nor MONAI (about 5 s to import on 2 cores):
-# the handlers that train, evaluate or deliver import client.tasks / client.delivery themselves.
+# steps of secure aggregation that need neither torch nor MONAI (several seconds to import on 2
+# cores): the handlers that train, evaluate or deliver import client.tasks / client.delivery themselves.
+from client import ledger, secagg
 from client.policy import Deadline, PolicyError, PolicyRefusal, ReleaseBounds, SitePolicy
 from common.config import RunConfig, SiteConfig
 from common.records import from_record, to_record
