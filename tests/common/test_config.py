@@ -111,6 +111,6 @@ def test_cosine_schedule_decays_the_staging_rate_from_stage_lr_to_a_tenth():
     assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
     assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
     assert cfg.stage_training(0).lr == 1e-3  # centralized training: no rounds
-    assert RunConfig().stage_training(0, 8).lr == RunConfig().stage_lr
+    assert RunConfig(stage_lr_schedule="constant").stage_training(0, 8).lr == RunConfig().stage_lr
     with pytest.raises(ValueError, match="'stage-lr-schedule' = 'step' is invalid"):
         RunConfig(stage_lr_schedule="step")

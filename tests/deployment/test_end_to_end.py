@@ -72,12 +72,15 @@ class Processes:
 
 
 def _wait_for(predicate, timeout_s: float, what: str, logs: list[Path] = ()) -> None:
-    deadline = time.monotonic() + timeout_s
+    """Poll ``predicate`` until true; the interval grows from 1 s to 5 s, since a predicate that runs the
+    ``flwr`` CLI costs seconds of CPU the federation under test needs."""
+    deadline, interval = time.monotonic() + timeout_s, 1.0
     while not predicate():
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tails}")
-        time.sleep(1.0)
+        time.sleep(interval)
+        interval = min(interval * 1.5, 5.0)
 
 
 @pytest.fixture(scope="module")
