@@ -28,7 +28,10 @@ LONGEST_FIRST = (
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The files of LONGEST_FIRST first, in that order, then the other slow ones, then the rest."""
+    """Under xdist, the files of LONGEST_FIRST first, in that order, then the other slow ones, then the
+    rest. A serial run keeps pytest's own order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
 
     def rank(item) -> tuple[int, int]:
         path = item.nodeid.split("::")[0]
