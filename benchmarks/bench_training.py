@@ -150,8 +150,17 @@ def _seconds_per_call(call, repeats: int = 20) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def throughput(n_hips: int, epochs: int, n_pairs: int) -> dict:
-    """Hips/s of ``train_staging`` and pairs/s of ``train_translation`` for cpu-small on random data."""
+def _laid_out(net: torch.nn.Module, layout: str) -> torch.nn.Module:
+    """The builders' channels-last net, or the same net stored contiguous (NCHW) for comparison."""
+    return net if layout == "channels-last" else net.to(memory_format=torch.contiguous_format)
+
+
+def throughput(n_hips: int, epochs: int, n_pairs: int, layout: str = "channels-last") -> dict:
+    """Hips/s of ``train_staging`` and pairs/s of ``train_translation`` for cpu-small on random data.
+
+    ``layout``: ``"channels-last"`` (what ``build_staging``/``build_translation`` return) or
+    ``"contiguous"`` (the NCHW layout they returned before).
+    """
     rng = np.random.default_rng(0)
     k, size = DEFAULT_GRID["slices"], DEFAULT_GRID["size"]
     hips = HipDataset(
@@ -160,13 +169,13 @@ def throughput(n_hips: int, epochs: int, n_pairs: int) -> dict:
         rng.integers(1, 5, n_hips),
     )
     cfg = TrainConfig(epochs=epochs, batch_size=8, device="cpu", augment=True, num_workers=0)
-    staging = train_staging(build_staging(ModelConfig()), hips, cfg)
+    staging = train_staging(_laid_out(build_staging(ModelConfig()), layout), hips, cfg)
     pairs = PairDataset(
         rng.normal(size=(n_pairs, size, size)).astype(np.float32),
         rng.uniform(-1, 1, size=(n_pairs, size, size)).astype(np.float32),
     )
     tcfg = TrainConfig(epochs=epochs, batch_size=16, device="cpu", augment=True, num_workers=0)
-    translation = train_translation(build_translation(ModelConfig()), pairs, tcfg)
+    translation = train_translation(_laid_out(build_translation(ModelConfig()), layout), pairs, tcfg)
     augmentation = BatchAugmentation(0)
     image = torch.from_numpy(hips.images[:8])
     available = torch.from_numpy(hips.available[:8])
@@ -182,11 +191,38 @@ def throughput(n_hips: int, epochs: int, n_pairs: int) -> dict:
         "staging_data_wait_share": staging["data_wait_share"],
         "translation_pairs_per_s": n_pairs * epochs / translation["seconds"],
         "translation_data_wait_share": translation["data_wait_share"],
+        "layout": layout,
         "n_hips": n_hips,
         "n_pairs": n_pairs,
         "epochs": epochs,
         "batch_hips": 8,
         "batch_pairs": 16,
+    }
+
+
+def layout_ratios(n_hips: int, epochs: int, n_pairs: int, first: dict, runs: int = 3) -> dict:
+    """Channels-last against contiguous weights, interleaved (A B A B ...) so that both see the same load.
+
+    ``first`` is a channels-last run already made; returns the medians and their ratios.
+    """
+    rows: dict[str, list[dict]] = {"channels-last": [first], "contiguous": []}
+    for i in range(2 * runs - 1):
+        layout = "contiguous" if i % 2 == 0 else "channels-last"
+        rows[layout].append(throughput(n_hips, epochs, n_pairs, layout))
+    median = {
+        layout: {
+            key: float(np.median([r[key] for r in rs]))
+            for key in ("staging_hips_per_s", "translation_pairs_per_s")
+        }
+        for layout, rs in rows.items()
+    }
+    return {
+        "runs": runs,
+        "medians": median,
+        "staging_speedup": median["channels-last"]["staging_hips_per_s"]
+        / median["contiguous"]["staging_hips_per_s"],
+        "translation_speedup": median["channels-last"]["translation_pairs_per_s"]
+        / median["contiguous"]["translation_pairs_per_s"],
     }
 
 
@@ -206,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     n_hips, epochs, n_pairs = (16, 1, 64) if args.quick else (48, 2, 256)
     results["throughput"] = throughput(n_hips, epochs, n_pairs)
+    results["layouts"] = layout_ratios(n_hips, epochs, n_pairs, results["throughput"])
     t = results["throughput"]
     print(
         f"cpu-small staging: {t['staging_hips_per_s']:.1f} hips/s ({t['staging_step_seconds']:.2f} s per step of 8), "
@@ -216,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         f"cpu-small translation: {t['translation_pairs_per_s']:.0f} slice pairs/s, "
         f"data wait {100 * t['translation_data_wait_share']:.1f} %, "
         f"batch augmentation {100 * t['translation_augment_share']:.1f} % of a step"
+    )
+    ratios = results["layouts"]
+    print(
+        f"channels-last vs contiguous (NCHW) weights, medians of {ratios['runs']} interleaved runs: "
+        f"staging {ratios['staging_speedup']:.2f}x, translation {ratios['translation_speedup']:.2f}x faster"
     )
     jobs = []
     for preset in ("cpu-small", "vgg16"):

@@ -64,3 +64,24 @@ def test_local_norm_keys_select_norm_modules_by_type(norm):
     assert conv_keys and not set(conv_keys) & set(keys)
     if norm == "batch":
         assert any(k.endswith("running_var") for k in keys)
+
+
+def test_built_nets_keep_channels_last_maps_and_the_layout_changes_no_value():
+    import torch
+
+    torch.manual_seed(0)
+    staging = build_staging(ModelConfig()).eval()
+    conv = [m for m in staging.encoder.modules() if isinstance(m, nn.Conv2d)][-1]  # 64 -> 128 channels
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    image, available = torch.randn(2, 5, 8, 48, 48), torch.ones(2, 5, dtype=torch.bool)
+    features = staging.encoder(image[:, 0].reshape(-1, 1, 48, 48))
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
+
+    contiguous = build_staging(ModelConfig()).eval()
+    contiguous.load_state_dict(staging.state_dict())
+    contiguous = contiguous.to(memory_format=torch.contiguous_format)
+    assert [m for m in contiguous.encoder.modules() if isinstance(m, nn.Conv2d)][-1].weight.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            staging(image, available), contiguous(image, available), atol=1e-4, rtol=1e-4
+        )

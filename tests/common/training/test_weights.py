@@ -43,3 +43,13 @@ def test_mismatch_is_named(net):
     key = next(iter(get_shared_state(net, False)))
     with pytest.raises(ValueError, match=f"tensor {key} has shape"):
         set_shared_state(net, {key: np.zeros((1, 1, 1, 1, 1), np.float32)})
+
+
+def test_the_wire_arrays_are_c_ordered_whatever_the_tensor_layout(net):
+    # Conv weights are stored channels-last (common.models.factory.channels_last).
+    shared, local = get_shared_state(net, fedbn=False), get_local_state(net)
+    assert all(a.flags.c_contiguous for a in [*shared.values(), *local.values()])
+    other = build_staging(ModelConfig())
+    set_shared_state(other, shared)
+    for key, array in get_shared_state(other, fedbn=False).items():
+        np.testing.assert_array_equal(array, shared[key])
