@@ -106,6 +106,19 @@ def table(results: dict) -> str:
     return markdown(header + ["federated minus centralized", "federated minus local-only"], rows)
 
 
+def budget(cfg) -> dict:
+    """The training budget the seeds ran with: a seed run with another budget is not reused."""
+    keys = (
+        "strategy",
+        "pretrain_rounds",
+        "pretrain_epochs",
+        "stage_rounds",
+        "stage_epochs",
+        "stage_lr_schedule",
+    )
+    return {key: getattr(cfg, key) for key in keys}
+
+
 def main(argv: list[str] | None = None) -> int:
     from common.config import load_run_config
 
@@ -117,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     dirs = evaluation_federation()
     cfg = load_run_config(PRESETS / "evaluation.toml", cache_dir=str((WORK / "cache").resolve()))
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if previous.get("budget") != budget(cfg):
+        previous = {}  # results of another budget are not mixed in
     results = {
         "command": command("evaluation", argv),
         **machine(),
@@ -126,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "patients": PATIENTS,
             "difficulty": DIFFICULTY,
         },
+        "budget": budget(cfg),
         "seeds": previous.get("seeds", {}),
     }
     for seed in args.seeds:

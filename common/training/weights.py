@@ -37,7 +37,7 @@ def get_shared_state(model: nn.Module, fedbn: bool, dtype: str = "float32") -> d
     out: dict[str, np.ndarray] = {}
     for key in shared_keys(model, fedbn):
         # C order whatever the tensor's memory layout (conv weights are channels-last).
-        array = np.ascontiguousarray(state[key].detach().cpu().numpy())
+        array = np.asarray(state[key].detach().cpu().numpy(), order="C")
         out[key] = array.astype(np.float16) if dtype == "float16" and array.dtype == np.float32 else array
     return out
 
@@ -63,4 +63,4 @@ def set_shared_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
 def get_local_state(model: nn.Module) -> dict[str, np.ndarray]:
     """Normalisation-layer tensors (what FedBN keeps at the site)."""
     state = model.state_dict()
-    return {k: np.ascontiguousarray(state[k].detach().cpu().numpy()) for k in sorted(local_norm_keys(model))}
+    return {k: np.asarray(state[k].detach().cpu().numpy(), order="C") for k in sorted(local_norm_keys(model))}

@@ -49,6 +49,7 @@ def test_the_wire_arrays_are_c_ordered_whatever_the_tensor_layout(net):
     # Conv weights are stored channels-last (common.models.factory.channels_last).
     shared, local = get_shared_state(net, fedbn=False), get_local_state(net)
     assert all(a.flags.c_contiguous for a in [*shared.values(), *local.values()])
+    assert local and all(a.shape == () for k, a in local.items() if k.endswith("num_batches_tracked"))
     other = build_staging(ModelConfig())
     set_shared_state(other, shared)
     for key, array in get_shared_state(other, fedbn=False).items():
