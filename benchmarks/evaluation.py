@@ -9,7 +9,8 @@ of the ``clinical`` phantom at the default size, 60 % of each site's patients he
 On it, per training seed (``--seeds``; the data stay the same), the main job's comparison with the
 main job's budget: federated FedAvg, centralized, local-only, each with patient-level 95% intervals
 and the federated model's paired differences; and the floors a pooled AUROC must beat (site prior,
-radiomics). Results: ``benchmarks/results/evaluation.json`` and the table printed.
+radiomics). Results: ``benchmarks/results/evaluation.json``, the tables printed and
+``docs/evaluation_seeds.png`` (each seed's AUROC with its interval).
 
 Usage (from the repository root; 66 min for one training seed on 2 cores shared with other jobs):
     .venv/bin/python -m benchmarks.evaluation --seeds 0 1 2
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import PRESETS, command, machine, markdown, site_dirs, write_json
+from benchmarks.harness import PRESETS, command, machine, markdown, mean_sd, site_dirs, write_json
 
 EVALUATION_SEED = 4242
 SITES, PATIENTS, DIFFICULTY = 5, 100, "clinical"
@@ -102,8 +103,96 @@ def table(results: dict) -> str:
                 else f"{d['difference']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}), {p_value(d['p'])}"
             )
         rows.append(row)
+    if len(results["seeds"]) > 1:  # the spread over training seeds, beside each seed's interval
+        row = [f"mean +- SD of {len(results['seeds'])}"]
+        for column in COLUMNS:
+            mean, sd = mean_sd(
+                [
+                    run["pooled-patient-level"].get(column, {}).get("macro-auroc")
+                    for run in results["seeds"].values()
+                ]
+            )
+            row.append(f"{mean:.3f} +- {sd:.3f}")
+        for other in ("centralized", "local-only"):
+            mean, sd = mean_sd(
+                [
+                    run["pooled-patient-level"]
+                    .get("federated", {})
+                    .get(f"minus {other}", {})
+                    .get("difference")
+                    for run in results["seeds"].values()
+                ]
+            )
+            row.append(f"{mean:+.3f} +- {sd:.3f}")
+        rows.append(row)
     header = ["training seed", *[f"{c}: macro AUROC (95% CI)" for c in COLUMNS]]
     return markdown(header + ["federated minus centralized", "federated minus local-only"], rows)
+
+
+def rates_table(results: dict) -> str:
+    """Per seed and column: balanced accuracy, weighted kappa, ECE and each stage's sensitivity."""
+    rows = []
+    for seed, run in results["seeds"].items():
+        for column in COLUMNS:
+            v = run["pooled-patient-level"].get(column)
+            if v:
+                sensitivity = " / ".join(f"{x:.2f}" for x in v["sensitivity"])
+                rows.append(
+                    [
+                        seed,
+                        column,
+                        f"{v['balanced-accuracy']:.3f}",
+                        f"{v['qw-kappa']:.3f}",
+                        f"{v['ece']:.3f}",
+                        sensitivity,
+                    ]
+                )
+    header = [
+        "training seed",
+        "model",
+        "balanced accuracy",
+        "QW kappa",
+        "ECE",
+        "sensitivity I / II / III / IV",
+    ]
+    return markdown(header, rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Each seed's pooled macro AUROC with its patient-level 95% interval, per column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = list(results["seeds"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, column in enumerate(COLUMNS):
+        for j, seed in enumerate(seeds):
+            v = results["seeds"][seed]["pooled-patient-level"].get(column)
+            if not v:
+                continue
+            low, high = v["ci95"]["macro-auroc"]
+            x = i + (j - (len(seeds) - 1) / 2) * 0.15
+            ax.errorbar(
+                x,
+                v["macro-auroc"],
+                yerr=[[v["macro-auroc"] - low], [high - v["macro-auroc"]]],
+                fmt="o",
+                color=f"C{j}",
+                capsize=3,
+                label=f"training seed {seed}" if i == 0 else None,
+            )
+    ax.set_xticks(range(len(COLUMNS)), COLUMNS)
+    hips = next(iter(results["seeds"].values()))["pooled-patient-level"]["federated"]["hips"]
+    ax.set(
+        ylabel="pooled macro AUROC (95% CI, patients resampled)",
+        title=f"Evaluation federation (seed {EVALUATION_SEED}), {hips} test hips",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def budget(cfg) -> dict:
@@ -125,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/evaluation.json"))
+    parser.add_argument("--plot", type=Path, default=Path("docs/evaluation_seeds.png"))
     args = parser.parse_args(argv)
     t0 = time.time()
     dirs = evaluation_federation()
@@ -154,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.time() - t0)
     write_json(args.out, results)
     print(table(results))
+    print(rates_table(results))
+    plot(results, args.plot)
     print(f"floors on the test hips: {results['floors']}")
     return 0
 
