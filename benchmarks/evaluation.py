@@ -32,6 +32,7 @@ EVALUATION_SEED = 4242
 SITES, PATIENTS, DIFFICULTY = 5, 100, "clinical"
 WORK = Path("/tmp/onfh-bench/evaluation")
 COLUMNS = ("federated", "centralized", "local-only")
+DIFFERENCES = ("centralized", "local-only")  # federated minus each
 
 
 def tuning_seed(seed: int) -> int:
@@ -92,10 +93,10 @@ def table(results: dict) -> str:
         figures = run["pooled-patient-level"]
         row = [seed]
         for column in COLUMNS:
-            v = figures.get(column)
-            ci = v["ci95"]["macro-auroc"] if v else None
-            row.append("-" if v is None else f"{v['macro-auroc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f})")
-        for other in ("centralized", "local-only"):
+            v = figures.get(column) or {}
+            value, ci = v.get("macro-auroc"), v.get("ci95", {}).get("macro-auroc") or [None, None]
+            row.append("-" if value is None else f"{value:.3f} ({_figure(ci[0])}-{_figure(ci[1])})")
+        for other in DIFFERENCES:
             d = figures.get("federated", {}).get(f"minus {other}")
             row.append(
                 "-"
@@ -104,29 +105,26 @@ def table(results: dict) -> str:
             )
         rows.append(row)
     if len(results["seeds"]) > 1:  # the spread over training seeds, beside each seed's interval
-        row = [f"mean +- SD of {len(results['seeds'])}"]
-        for column in COLUMNS:
-            mean, sd = mean_sd(
-                [
-                    run["pooled-patient-level"].get(column, {}).get("macro-auroc")
-                    for run in results["seeds"].values()
-                ]
-            )
-            row.append(f"{mean:.3f} +- {sd:.3f}")
-        for other in ("centralized", "local-only"):
-            mean, sd = mean_sd(
-                [
-                    run["pooled-patient-level"]
-                    .get("federated", {})
-                    .get(f"minus {other}", {})
-                    .get("difference")
-                    for run in results["seeds"].values()
-                ]
-            )
-            row.append(f"{mean:+.3f} +- {sd:.3f}")
+        runs = [run["pooled-patient-level"] for run in results["seeds"].values()]
+        columns = [[r.get(c, {}).get("macro-auroc") for r in runs] for c in COLUMNS]
+        columns += [
+            [r.get("federated", {}).get(f"minus {o}", {}).get("difference") for r in runs]
+            for o in DIFFERENCES
+        ]
+        used = [[v for v in values if v is not None] for values in columns]
+        row = ["mean +- SD over seeds"]
+        for i, values in enumerate(used):
+            sign = "+" if i >= len(COLUMNS) else ""
+            mean, sd = mean_sd(values)
+            row.append(f"{mean:{sign}.3f} +- {sd:.3f} (n = {len(values)})" if values else "-")
         rows.append(row)
     header = ["training seed", *[f"{c}: macro AUROC (95% CI)" for c in COLUMNS]]
     return markdown(header + ["federated minus centralized", "federated minus local-only"], rows)
+
+
+def _figure(value, spec: str = ".3f") -> str:
+    """A figure, or '-' where it is undefined (NaN is written to JSON as null)."""
+    return "-" if value is None else format(value, spec)
 
 
 def rates_table(results: dict) -> str:
@@ -136,17 +134,9 @@ def rates_table(results: dict) -> str:
         for column in COLUMNS:
             v = run["pooled-patient-level"].get(column)
             if v:
-                sensitivity = " / ".join(f"{x:.2f}" for x in v["sensitivity"])
-                rows.append(
-                    [
-                        seed,
-                        column,
-                        f"{v['balanced-accuracy']:.3f}",
-                        f"{v['qw-kappa']:.3f}",
-                        f"{v['ece']:.3f}",
-                        sensitivity,
-                    ]
-                )
+                sensitivity = " / ".join(_figure(x, ".2f") for x in v["sensitivity"])
+                figures = [_figure(v.get(key)) for key in ("balanced-accuracy", "qw-kappa", "ece")]
+                rows.append([seed, column, *figures, sensitivity])
     header = [
         "training seed",
         "model",
@@ -167,45 +157,57 @@ def plot(results: dict, path: Path) -> None:
 
     seeds = list(results["seeds"])
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, column in enumerate(COLUMNS):
-        for j, seed in enumerate(seeds):
-            v = results["seeds"][seed]["pooled-patient-level"].get(column)
-            if not v:
-                continue
-            low, high = v["ci95"]["macro-auroc"]
-            x = i + (j - (len(seeds) - 1) / 2) * 0.15
+    hips = 0
+    for j, seed in enumerate(seeds):
+        for i, column in enumerate(COLUMNS):
+            v = results["seeds"][seed]["pooled-patient-level"].get(column) or {}
+            value, interval = v.get("macro-auroc"), v.get("ci95", {}).get("macro-auroc")
+            if value is None or interval is None or None in interval:
+                continue  # undefined (a test set with one stage): nothing to draw
+            hips = v.get("hips", hips)
             ax.errorbar(
-                x,
-                v["macro-auroc"],
-                yerr=[[v["macro-auroc"] - low], [high - v["macro-auroc"]]],
+                i + (j - (len(seeds) - 1) / 2) * 0.15,
+                value,
+                yerr=[[value - interval[0]], [interval[1] - value]],
                 fmt="o",
                 color=f"C{j}",
                 capsize=3,
-                label=f"training seed {seed}" if i == 0 else None,
+                label=f"training seed {seed}",
             )
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one entry per seed
     ax.set_xticks(range(len(COLUMNS)), COLUMNS)
-    hips = next(iter(results["seeds"].values()))["pooled-patient-level"]["federated"]["hips"]
     ax.set(
         ylabel="pooled macro AUROC (95% CI, patients resampled)",
         title=f"Evaluation federation (seed {EVALUATION_SEED}), {hips} test hips",
     )
-    ax.legend(fontsize=8)
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+# Where a run is written and which training seed it uses: everything else in the run config is the budget.
+NOT_BUDGET = ("run-name", "seed", "data-root", "cache-dir", "output-dir", "device", "tracking", "resume")
+
+
 def budget(cfg) -> dict:
-    """The training budget the seeds ran with: a seed run with another budget is not reused."""
-    keys = (
-        "strategy",
-        "pretrain_rounds",
-        "pretrain_epochs",
-        "stage_rounds",
-        "stage_epochs",
-        "stage_lr_schedule",
-    )
-    return {key: getattr(cfg, key) for key in keys}
+    """The settings the seeds ran with: seeds run with other settings are not mixed in."""
+    return {key: value for key, value in cfg.to_dict().items() if key not in NOT_BUDGET}
+
+
+def earlier_results(out: Path, now: dict) -> dict:
+    """The results at ``out`` if they were run with the settings ``now``; else they move aside."""
+    if not out.is_file():
+        return {}
+    previous = json.loads(out.read_text())
+    if previous.get("budget") == now:
+        return previous
+    kept = out.with_name(f"{out.stem}_{time.strftime('%Y%m%d-%H%M%S')}_other-settings.json")
+    out.rename(kept)
+    print(f"{out} was run with other settings: moved to {kept}; starting afresh", flush=True)
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     dirs = evaluation_federation()
     cfg = load_run_config(PRESETS / "evaluation.toml", cache_dir=str((WORK / "cache").resolve()))
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if previous.get("budget") != budget(cfg):
-        previous = {}  # results of another budget are not mixed in
+    previous = earlier_results(args.out, budget(cfg))
     results = {
         "command": command("evaluation", argv),
         **machine(),
