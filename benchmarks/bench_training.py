@@ -13,6 +13,8 @@ What it measures:
   the loop spent blocked on the DataLoader (issue 3's target: < 10 %). Augmentation runs on
   whole batches inside the step (``common.training.augmentation``); its share of a step is timed
   apart (20 calls on one batch) and reported beside.
+- **Layouts**: the same two loops with the conv weights channels-last (what the builders return)
+  and contiguous (NCHW), interleaved three times each at one torch thread; medians and ratios.
 - **Parameters** (trainable) of the translation U-Net and the staging net (attention fusion).
 - **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode``: one forward (eval) and one
   training step (forward + backward), per hip for staging and per slice for translation.
@@ -200,24 +202,28 @@ def throughput(n_hips: int, epochs: int, n_pairs: int, layout: str = "channels-l
     }
 
 
-def layout_ratios(n_hips: int, epochs: int, n_pairs: int, first: dict, runs: int = 3) -> dict:
+def layout_ratios(n_hips: int, epochs: int, n_pairs: int, runs: int = 3) -> dict:
     """Channels-last against contiguous weights, interleaved (A B A B ...) so that both see the same load.
 
-    ``first`` is a channels-last run already made; returns the medians and their ratios.
+    At one torch thread, as every simulated site, every baseline job and a site daemon on a small
+    machine train. Returns the medians and their ratios.
     """
-    rows: dict[str, list[dict]] = {"channels-last": [first], "contiguous": []}
-    for i in range(2 * runs - 1):
-        layout = "contiguous" if i % 2 == 0 else "channels-last"
-        rows[layout].append(throughput(n_hips, epochs, n_pairs, layout))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows: dict[str, list[dict]] = {"channels-last": [], "contiguous": []}
+    try:
+        for _ in range(runs):
+            for layout in ("contiguous", "channels-last"):
+                rows[layout].append(throughput(n_hips, epochs, n_pairs, layout))
+    finally:
+        torch.set_num_threads(threads)
+    keys = ("staging_hips_per_s", "translation_pairs_per_s")
     median = {
-        layout: {
-            key: float(np.median([r[key] for r in rs]))
-            for key in ("staging_hips_per_s", "translation_pairs_per_s")
-        }
-        for layout, rs in rows.items()
+        layout: {key: float(np.median([r[key] for r in rs])) for key in keys} for layout, rs in rows.items()
     }
     return {
         "runs": runs,
+        "threads": 1,
         "medians": median,
         "staging_speedup": median["channels-last"]["staging_hips_per_s"]
         / median["contiguous"]["staging_hips_per_s"],
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     n_hips, epochs, n_pairs = (16, 1, 64) if args.quick else (48, 2, 256)
     results["throughput"] = throughput(n_hips, epochs, n_pairs)
-    results["layouts"] = layout_ratios(n_hips, epochs, n_pairs, results["throughput"])
+    results["layouts"] = layout_ratios(n_hips, epochs, n_pairs)
     t = results["throughput"]
     print(
         f"cpu-small staging: {t['staging_hips_per_s']:.1f} hips/s ({t['staging_step_seconds']:.2f} s per step of 8), "
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ratios = results["layouts"]
     print(
-        f"channels-last vs contiguous (NCHW) weights, medians of {ratios['runs']} interleaved runs: "
+        f"channels-last vs contiguous (NCHW) weights, one torch thread, medians of {ratios['runs']} interleaved runs: "
         f"staging {ratios['staging_speedup']:.2f}x, translation {ratios['translation_speedup']:.2f}x faster"
     )
     jobs = []
