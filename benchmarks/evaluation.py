@@ -68,12 +68,11 @@ def floors(cfg, dirs: list[Path]) -> dict:
     }
 
 
-def run_seed(seed: int, dirs: list[Path]) -> dict:
-    """The main job's comparison with training seed ``seed``; its comparison.json."""
+def seed_config(seed: int):
+    """The run config of training seed ``seed`` on the evaluation federation (FedAvg, the main job's budget)."""
     from common.config import load_run_config
-    from simulation.main_job import compare
 
-    cfg = load_run_config(
+    return load_run_config(
         PRESETS / "evaluation.toml",
         seed=seed,
         data_root=str((WORK / "federation").resolve()),
@@ -81,6 +80,13 @@ def run_seed(seed: int, dirs: list[Path]) -> dict:
         output_dir=str((WORK / "runs").resolve()),
         run_name=f"evaluation-seed{seed}",
     )
+
+
+def run_seed(seed: int, dirs: list[Path]) -> dict:
+    """The main job's comparison with training seed ``seed``; its comparison.json."""
+    from simulation.main_job import compare
+
+    cfg = seed_config(seed)
     compare(cfg, dirs)
     return json.loads((cfg.run_dir / "comparison.json").read_text())
 

@@ -128,6 +128,20 @@ def plot_reliability(intervals: dict[str, dict], path: Path) -> dict[str, tuple[
     return plotted
 
 
+def delivered_scores(cfg: RunConfig, site_dirs: list[Path]):
+    """Run ``cfg.run_name``'s delivered models scored on their own sites' labelled test hips, pooled
+    (a ``simulation.generalisation.Scored``); None where no site holds one."""
+    from simulation.generalisation import Scored, delivered_model, score, site_data
+
+    parts = []
+    for site_dir in site_dirs:
+        folder = delivered_model(cfg, site_dir.name, cfg.run_name)
+        data = site_data(cfg, site_dir) if (folder / "final_model.npz").is_file() else None
+        if data is not None and len(data.staging_set("test")[2]):
+            parts.append(score(folder, data))
+    return Scored.join(parts) if parts else None
+
+
 def pooled_intervals(cfg: RunConfig, site_dirs: list[Path], central: dict, local: dict) -> dict[str, dict]:
     """Each column's pooled test figures with 95% intervals that resample patients; the federated
     column also holds its paired differences from the others (``"minus centralized"``: difference,
@@ -137,16 +151,10 @@ def pooled_intervals(cfg: RunConfig, site_dirs: list[Path], central: dict, local
     received (personalised under FedBN). A real federation's server cannot: its model card carries
     intervals from the pooled histograms, and each site validates its own copy.
     """
-    from simulation.generalisation import Scored, delivered_model, score, site_data
+    from simulation.generalisation import Scored
 
-    parts = []
-    for site_dir in site_dirs:
-        folder = delivered_model(cfg, site_dir.name, cfg.run_name)
-        data = site_data(cfg, site_dir) if (folder / "final_model.npz").is_file() else None
-        if data is not None and len(data.staging_set("test")[2]):
-            parts.append(score(folder, data))
     columns = {
-        "federated": Scored.join(parts) if parts else None,
+        "federated": delivered_scores(cfg, site_dirs),
         "centralized": Scored.from_json(central["scores"]) if "scores" in central else None,
         "local-only": pooled_local_scores(local),
     }
