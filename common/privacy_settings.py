@@ -15,9 +15,9 @@ DP_PHASES: tuple[str, ...] = ("both", "pretrain", "stage")
 # the noise is calibrated to that. Medians, trimmed means and Krum select among the updates (and
 # the FedOpt family steps a server optimiser whose noise would have to come first): refused.
 DP_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
-# Strategies whose aggregate is a weighted sum of the updates: the only ones secure aggregation
-# serves (the server sees only the sum; a median or Krum needs each update).
-SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+# Strategies that need only the weighted mean of the updates: the ones secure aggregation serves
+# (the server sees only the sum; a server optimiser steps from the mean; a median or Krum needs each update).
+SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 def secure_aggregation_problem(cfg: Any) -> tuple[str, Any, str] | None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from common.records import from_record, to_record
 from common.secagg import (
@@ -28,6 +29,23 @@ from common.secagg import (
 )
 from server.accounting import short_reason, summarise_evaluation, summarise_sums
 from server.secagg import SecureSession
+
+
+class RevealedMean(FedAvg):
+    """FedAvg's mean of the replies, or the mean a secure-aggregation session revealed.
+
+    Listed after a Flower server optimiser (``GuardedFedAdam(..., FedAdam, RevealedMean)``), it sits
+    between that class and FedAvg in the MRO: under secure aggregation the server holds the mean and
+    not the replies, and Flower's own FedAvgM/FedAdam/FedYogi/FedAdagrad step from it unchanged.
+    """
+
+    revealed: tuple[ArrayRecord, MetricRecord] | None = None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        if self.revealed is None:
+            return super().aggregate_train(server_round, replies)
+        mean, self.revealed = self.revealed, None
+        return mean
 
 
 class SecureRounds:
@@ -107,6 +125,10 @@ class SecureRounds:
             )
         else:
             arrays = {k: (v.astype(np.float64) + sums[k] / weight).astype(v.dtype) for k, v in sent.items()}
+            if isinstance(self, RevealedMean):  # a server optimiser steps from the mean
+                self.revealed = (to_record(arrays), metrics)
+                mean, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+                return mean, metrics, note
         return to_record(arrays), metrics, note
 
     def pooled_evaluation(self, server_round: int, replies: Iterable[Message], step: str) -> dict:

@@ -27,6 +27,7 @@ from common.config import STRATEGIES, RunConfig
 from server.bounds import ReplyBounds
 from server.privacy import SiteLevelDP
 from server.robust import BulyanRule, KrumRule, MultiKrumRule, TrimmedRule
+from server.secure_rounds import RevealedMean
 from server.strategy import GuardedStrategy, PhaseState, RoundEnd
 
 
@@ -52,19 +53,19 @@ class _ServerOptimiser(GuardedStrategy):
         super().__init__(state, cfg, reference, on_round_end, eta=cfg.server_lr, eta_l=cfg.stage_lr)
 
 
-class GuardedFedAdam(_ServerOptimiser, FedAdam):
+class GuardedFedAdam(_ServerOptimiser, FedAdam, RevealedMean):
     """FedAdam: Adam on the server over the mean update."""
 
 
-class GuardedFedYogi(_ServerOptimiser, FedYogi):
+class GuardedFedYogi(_ServerOptimiser, FedYogi, RevealedMean):
     """FedYogi: Yogi on the server over the mean update."""
 
 
-class GuardedFedAdagrad(_ServerOptimiser, FedAdagrad):
+class GuardedFedAdagrad(_ServerOptimiser, FedAdagrad, RevealedMean):
     """FedAdagrad: Adagrad on the server over the mean update."""
 
 
-class GuardedFedAvgM(GuardedStrategy, FedAvgM):
+class GuardedFedAvgM(GuardedStrategy, FedAvgM, RevealedMean):
     """FedAvgM: FedAvg with server momentum 0.9."""
 
     def __init__(

@@ -108,3 +108,33 @@ def test_onfh_evaluate_at_a_site_reproduces_the_federations_per_site_test_auroc(
             assert report["macro-auroc"] == pytest.approx(released["macro-auroc"], abs=0.02)
         compared += 1
     assert compared == 2
+
+
+def _largest_difference(a_path: Path, b_path: Path) -> float:
+    with np.load(a_path) as a, np.load(b_path) as b:
+        return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a.files)
+
+
+@pytest.mark.parametrize("strategy", ["fedadam"])
+def test_a_server_optimiser_steps_from_the_revealed_mean_as_it_does_from_the_replies(
+    runs, strategy, tiny_federation, tmp_path
+):
+    """FedAdam under secure aggregation: Flower's own server step, taken from the mean the masked sum
+    revealed, gives the weights it gives in the clear from the replies (to quantisation), and they
+    are not FedAvg's: the step was taken, not skipped."""
+    secure_fedavg_cfg, *_ = runs
+    secure_cfg = tiny_config(tiny_federation, tmp_path, run_name="secure-opt", strategy=strategy)
+    plain_cfg = tiny_config(
+        tiny_federation, tmp_path, run_name="plain-opt", strategy=strategy, secure_aggregation=False
+    )
+    secure = run_federated(secure_cfg, n_sites=2)
+    run_federated(plain_cfg, n_sites=2)
+    assert secure["config"]["strategy"] == strategy and secure["config"]["secure-aggregation"]
+    assert not [f for f in secure["failures"] if f["site"] == "secure-aggregation"]
+    model = "pretrain_model.npz"  # one round from the same start and seeds: the same site updates
+    worst = _largest_difference(secure_cfg.run_dir / model, plain_cfg.run_dir / model)
+    # Adam's step moves at most 0.1 / tau = 100 x eta_norm (< 1) per unit of the mean's change, and
+    # the mean is exact to a quantisation level (2 x clip / 2**22 ~ 2e-6).
+    assert worst <= 1e-5, f"secure and plain {strategy} aggregates differ by {worst:g}"
+    stepped = _largest_difference(secure_cfg.run_dir / model, secure_fedavg_cfg.run_dir / model)
+    assert stepped > 100 * worst + 1e-5, f"{strategy} under secure aggregation is FedAvg ({stepped:g})"
