@@ -44,5 +44,14 @@ def test_the_rule_takes_the_best_stable_candidate_and_the_cheaper_when_near():
         "fast": run(0.845, 0.02, 0.4, 300),  # within 0.01 of "slow": the cheaper one
         "worse": run(0.80, 0.01, 0.5, 50),
     }
-    assert bench_convergence.choose(runs) == "fast"
-    assert bench_convergence.choose({"swinging": runs["swinging"]}) is None
+    assert bench_convergence.choose(runs, tuple(runs)) == "fast"
+    assert bench_convergence.choose({"swinging": runs["swinging"]}, tuple(runs)) is None
+    # Only the named candidates compete: the schedules and the server optimisers are chosen apart.
+    assert bench_convergence.choose(runs, ("slow", "worse")) == "slow"
+    assert bench_convergence.choose(runs, ()) is None
+
+
+def test_the_server_optimisers_are_chosen_apart_from_the_schedules():
+    assert set(bench_convergence.SERVER_OPTIMISERS) == {"fedavgm-cosine-16x2", "fedadam-cosine-16x2"}
+    assert not set(bench_convergence.SERVER_OPTIMISERS) & set(bench_convergence.SCHEDULES)
+    assert "cosine-16x2" in bench_convergence.SCHEDULES
