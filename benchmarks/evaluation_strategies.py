@@ -89,10 +89,9 @@ def table(results: dict, evaluation: dict) -> str:
             )
         if len(seeds) > 1:
             (m, s), (dm, ds) = mean_sd(values), mean_sd(differences)
-            rm, rs = mean_sd([r for r in ratios if r is not None])
-            rows.append(
-                [name, "mean +- SD", f"{m:.3f} +- {s:.3f}", f"{dm:+.3f} +- {ds:.3f}", f"{rm:.3f}", ""]
-            )
+            ratios = [r for r in ratios if r is not None]
+            ratio = f"{np.mean(ratios):.3f} (n = {len(ratios)})" if ratios else "-"
+            rows.append([name, "mean +- SD", f"{m:.3f} +- {s:.3f}", f"{dm:+.3f} +- {ds:.3f}", ratio, ""])
     header = [
         "strategy",
         "training seed",
