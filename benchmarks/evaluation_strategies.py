@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": command("evaluation_strategies", argv),
         **machine(),
         "budget": settings,
-        "presets": {name: preset_overrides(name) for name in args.strategies},
+        "presets": {
+            **previous.get("presets", {}),
+            **{name: preset_overrides(name) for name in args.strategies},
+        },
         "strategies": previous.get("strategies", {}),
     }
     for seed in args.seeds:  # seed by seed, so that a cut run leaves every strategy with as many seeds
