@@ -30,6 +30,9 @@ from common.secagg import (
 from server.accounting import short_reason, summarise_evaluation, summarise_sums
 from server.secagg import SecureSession
 
+# Normalisation statistics travel with the weights (FedBN off) but are not weights: averaged, never stepped.
+STATISTICS = (".running_mean", ".running_var")
+
 
 class RevealedMean(FedAvg):
     """FedAvg's mean of the replies, or the mean a secure-aggregation session revealed.
@@ -37,15 +40,29 @@ class RevealedMean(FedAvg):
     Listed after a Flower server optimiser (``GuardedFedAdam(..., FedAdam, RevealedMean)``), it sits
     between that class and FedAvg in the MRO: under secure aggregation the server holds the mean and
     not the replies, and Flower's own FedAvgM/FedAdam/FedYogi/FedAdagrad step from it unchanged.
+    The mean is kept for :meth:`statistics_averaged`.
     """
 
     revealed: tuple[ArrayRecord, MetricRecord] | None = None
+    _mean: dict | None = None  # this round's mean of the normalisation statistics
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         if self.revealed is None:
-            return super().aggregate_train(server_round, replies)
-        mean, self.revealed = self.revealed, None
+            mean = super().aggregate_train(server_round, replies)
+        else:
+            mean, self.revealed = self.revealed, None
+        # The statistics' entries, apart: FedAvgM empties the mean's record as it steps.
+        self._mean = {k: v for k, v in (mean[0] or {}).items() if k.endswith(STATISTICS)}
         return mean
+
+    def statistics_averaged(self, stepped: ArrayRecord | None) -> ArrayRecord | None:
+        """The optimiser's step for the weights, this round's mean for the normalisation statistics:
+        momentum or Adam's scaling carries a running variance below zero (NaN in the next forward)."""
+        mean, self._mean = self._mean, None
+        if stepped is not None and mean is not None:
+            for key, value in mean.items():
+                stepped[key] = value  # in place: FedAvgM keeps this record as its current weights
+        return stepped
 
 
 class SecureRounds:
@@ -127,8 +144,8 @@ class SecureRounds:
             arrays = {k: (v.astype(np.float64) + sums[k] / weight).astype(v.dtype) for k, v in sent.items()}
             if isinstance(self, RevealedMean):  # a server optimiser steps from the mean
                 self.revealed = (to_record(arrays), metrics)
-                mean, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
-                return mean, metrics, note
+                stepped, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+                return self.statistics_averaged(stepped), metrics, note
         return to_record(arrays), metrics, note
 
     def pooled_evaluation(self, server_round: int, replies: Iterable[Message], step: str) -> dict:

@@ -29,7 +29,7 @@ from common.records import from_record, to_record
 from server.accounting import RoundAccount, RoundClock, short_reason
 from server.bounds import ReplyBounds, ReplyChecks, update_norm
 from server.privacy import SiteLevelDP
-from server.secure_rounds import SecureRounds
+from server.secure_rounds import RevealedMean, SecureRounds
 from server.validation import update_problem
 
 log = logging.getLogger("onfh.server")
@@ -235,6 +235,8 @@ class GuardedStrategy(SecureRounds, ReplyChecks):
         else:
             kept = self.screen(server_round, replies, "train", check_arrays=True)
             arrays, metrics = super().aggregate_train(server_round, kept)
+            if isinstance(self, RevealedMean):  # a server optimiser: its step for the weights only
+                arrays = self.statistics_averaged(arrays)
         if (
             self.privacy is not None and kept and not self.secure_aggregation
         ):  # Flower's metrics; the weights: clipped mean + noise
