@@ -222,8 +222,10 @@ def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -
     metrics = tasks.evaluate_round(phase, split, site, cfg, arrays, local, deadline.check, release)
     if secure is None:
         return _reply(msg, context, site, metrics)
-    vector = encode_counts(evaluation_vector(phase, metrics, cfg.histogram_bins))
-    masked = secagg.mask(context.state, str(secure["session"]), "evaluate", vector)
+    session = str(secure["session"])
+    sites = secagg.session_sites(context.state, session)
+    vector = encode_counts(evaluation_vector(phase, metrics, cfg.histogram_bins), sites)
+    masked = secagg.mask(context.state, session, "evaluate", vector)
     return _reply(
         msg, context, site, {"num-examples": metrics["num-examples"]}, {"masked": masked}, masked=True
     )

@@ -179,6 +179,11 @@ def receive_shares(config: ConfigRecord, state: RecordDict) -> None:
     _save(state, saved)
 
 
+def session_sites(state: RecordDict, session: str) -> int:
+    """How many sites session ``session`` was opened with (the most whose vectors are summed)."""
+    return int(_load(state, session)["sites"])
+
+
 def mask(state: RecordDict, session: str, label: str, vector: np.ndarray) -> np.ndarray:
     """Step 3: ``vector`` (uint32) plus its self-mask and the pairwise masks with every site that
     gave this one its shares. Once per label and session."""

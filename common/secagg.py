@@ -99,11 +99,18 @@ def decode_update(total: np.ndarray, contributors: int, clip: float) -> np.ndarr
     return total.astype(np.float64) * (2.0 * clip / QUANT_LEVELS) - contributors * clip
 
 
-def encode_counts(values: np.ndarray) -> np.ndarray:
-    """Sums-to-be (counts, example-weighted metrics) as fixed point mod 2**32 (negatives wrap)."""
+def encode_counts(values: np.ndarray, sites: int = 2) -> np.ndarray:
+    """Sums-to-be (counts, example-weighted metrics) as fixed point mod 2**32 (negatives wrap).
+
+    Each value stays within a ``sites``-th of the signed range, so that the sum over the session's
+    ``sites`` cannot wrap into a wrong figure (a diverged model's MAE once summed to a negative one)."""
     fixed = np.rint(np.asarray(values, np.float64) * COUNT_SCALE).astype(np.int64)
-    if np.any(np.abs(fixed) >= 1 << (MODULUS_BITS - 2)):
-        raise SecAggError(f"an evaluation sum exceeds the fixed-point range (+-{2**30 / COUNT_SCALE:g})")
+    bound = (1 << (MODULUS_BITS - 1)) // max(sites, 1)
+    if np.any(np.abs(fixed) >= bound):
+        raise SecAggError(
+            f"an evaluation sum ({float(np.max(np.abs(values))):g}) exceeds the fixed-point range of a "
+            f"session of {sites} sites (+-{bound / COUNT_SCALE:g}); this site sends none this round"
+        )
     return fixed.astype(np.uint32)
 
 

@@ -128,6 +128,18 @@ def test_evaluation_counts_sum_exactly():
     assert np.allclose(summed, sum(counts.values()))
 
 
+def test_no_site_sends_a_count_the_sum_over_its_session_could_wrap():
+    # Five sites each within the old per-site range (2**30 / 1000) summed past 2**31 / 1000 and
+    # decoded as a negative figure; now each stays within a fifth of the signed range.
+    near_the_old_bound = np.array([1.0e6])
+    wrapped = decode_counts(sum(encode_counts(near_the_old_bound, sites=1) for _ in range(3)))
+    assert wrapped < 0  # what three sites summed to under the old bound
+    with pytest.raises(SecAggError, match=r"fixed-point range of a session of 5 sites \(\+-429497"):
+        encode_counts(near_the_old_bound, sites=5)
+    fits = np.array([4.0e5])
+    assert decode_counts(sum(encode_counts(fits, sites=5) for _ in range(5)))[0] == pytest.approx(2.0e6)
+
+
 def test_a_site_dropping_after_masking_leaves_the_sum_of_the_rest():
     session = federation(5)
     vectors = quantised_vectors(session.shared, seed=2)
