@@ -37,6 +37,7 @@ from benchmarks.harness import (
     command,
     machine,
     mean_sd,
+    preset_overrides,
     previous_runs,
     site_dirs,
 )
@@ -51,11 +52,7 @@ STRATEGIES = {  # name -> preset applied over the default one
 
 
 def _strategy_overrides(preset: Path | None) -> dict:
-    import tomllib
-
-    if preset is None:
-        return {}
-    return {k.replace("-", "_"): v for k, v in tomllib.loads(preset.read_text()).items()}
+    return {} if preset is None else preset_overrides(preset)
 
 
 def tables(runs: list[dict]) -> str:

@@ -24,18 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.evaluation import budget, earlier_results, evaluation_federation, seed_config
 from benchmarks.harness import PRESETS, command, machine, markdown, mean_sd, write_json
 
 
 def preset_overrides(name: str) -> dict:
     """The run-config changes of ``presets/<name>.toml`` (keys as RunConfig fields)."""
-    import tomllib
-
     path = PRESETS / f"{name}.toml"
     if not path.is_file():
         raise SystemExit(f"no strategy preset {path}: name one of the presets in {PRESETS}")
-    return {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
+    return harness.preset_overrides(path)
 
 
 def run_strategy(seed: int, name: str, dirs: list[Path]) -> dict:

@@ -123,6 +123,13 @@ def run_fresh(cfg, n_sites: int) -> tuple[dict, float]:
     return results, time.time() - t0
 
 
+def preset_overrides(path: Path) -> dict:
+    """The run-config changes a preset file makes (keys as RunConfig fields)."""
+    import tomllib
+
+    return {k.replace("-", "_"): v for k, v in tomllib.loads(Path(path).read_text()).items()}
+
+
 def markdown(header: list[str], rows: list[list]) -> str:
     """A Markdown table, cells as given."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
