@@ -25,7 +25,7 @@ from common.files import save_npz_atomic
 from common.models.factory import build_staging, build_translation
 from common.models.transfer import load_pretrained_encoder
 from common.sitedata.load import SiteData, load_site
-from common.training.datasets import HipDataset, PairDataset
+from common.training.datasets import HipDataset, pretraining_pairs
 from common.training.device import seed_everything
 from common.training.evaluation import site_evaluation
 from common.training.loops import evaluate_translation, predict_staging, train_staging, train_translation
@@ -187,7 +187,7 @@ def train_round(
             mr, ct = mr[np.sort(pick)], ct[np.sort(pick)]
         stats = train_translation(
             net,
-            PairDataset(mr, ct),
+            pretraining_pairs(mr, ct, cfg.pretrain_target, seed),
             cfg.pretrain_training(seed),
             reference_state=reference,
             progress=check,
@@ -245,9 +245,9 @@ def evaluate_round(
         patients = {str(k) for k in data.pair_keys if data.split.get(str(k)) == split}
         if release.withholds(len(patients)):
             return withheld_evaluation(release)
-        m = evaluate_translation(
+        m = evaluate_translation(  # under "mr-denoise" the "HU" are the MR target's, scaled as CT's
             _model(phase, cfg, global_arrays, local),
-            PairDataset(mr, ct),
+            pretraining_pairs(mr, ct, cfg.pretrain_target),
             ct_window_hu=cfg.preprocess.ct_window_hu,
         )
         return {

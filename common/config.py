@@ -124,6 +124,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.proximal_mu must be >= 0, got {self.proximal_mu}")
 
 
+PRETRAIN_TARGETS = ("ct", "mr-denoise")  # phase 1's target: RunConfig.pretrain_target
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian",
               "fedtrimmedavg", "krum", "multikrum", "bulyan")  # fmt: skip
 
@@ -184,6 +185,9 @@ class RunConfig:
     pretrain_epochs: int = 1
     pretrain_lr: float = 1e-3
     pretrain_max_pairs: int = 1000
+    # What phase 1 teaches the encoder: "ct" (the paper's MR-to-CT), or "mr-denoise" (noisy MR to
+    # MR: the pretraining control of docs/benchmarks.md; no CT needed, still only paired patients)
+    pretrain_target: str = "ct"
     # Phase 2: staging
     stage_rounds: int = 16
     # 16 rounds x 2 epochs, cosine: chosen on tuning seed 101 (docs/benchmarks.md, Convergence)
@@ -214,6 +218,8 @@ class RunConfig:
             bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
         if self.stage_lr_schedule not in ("constant", "cosine"):
             bad("stage-lr-schedule", self.stage_lr_schedule, "use 'constant' or 'cosine'")
+        if self.pretrain_target not in PRETRAIN_TARGETS:
+            bad("pretrain-target", self.pretrain_target, f"use one of {', '.join(PRETRAIN_TARGETS)}")
         if self.tracking not in ("none", "tensorboard"):
             bad("tracking", self.tracking, "use 'none' or 'tensorboard' (pip install -e '.[tracking]')")
         if self.update_dtype not in ("float32", "float16"):

@@ -24,7 +24,7 @@ from common.models.factory import build_staging, build_translation
 from common.models.staging import StagingNet
 from common.models.transfer import load_pretrained_encoder
 from common.sitedata.load import SiteData, load_site
-from common.training.datasets import HipDataset, PairDataset
+from common.training.datasets import HipDataset, pretraining_pairs
 from common.training.device import seed_everything
 from common.training.loops import predict_staging, train_staging, train_translation
 from common.training.metrics import staging_metrics
@@ -59,11 +59,13 @@ def pretrain_translation(
     tcfg = cfg.pretrain_training(cfg.seed)
     tcfg.epochs = cfg.pretrain_rounds * cfg.pretrain_epochs
     say(
-        f"pretraining MR-to-CT on {len(mr)} slice pairs from {sites_with_pairs} site(s), {tcfg.epochs} epochs"
+        f"pretraining ({cfg.pretrain_target}) on {len(mr)} slice pairs from {sites_with_pairs} site(s), "
+        f"{tcfg.epochs} epochs"
     )
     seed_everything(cfg.seed)
     translation = build_translation(cfg.model)
-    stats = train_translation(translation, PairDataset(mr, ct), tcfg, progress=say)
+    pairs = pretraining_pairs(mr, ct, cfg.pretrain_target, cfg.seed)
+    stats = train_translation(translation, pairs, tcfg, progress=say)
     state = {k: v.detach().cpu() for k, v in translation.state_dict().items()}
     return state, _plain(stats)
 

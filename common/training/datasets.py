@@ -84,6 +84,47 @@ class PairDataset(Dataset):
         return {"mr": torch.from_numpy(self.mr[index])[None], "ct": torch.from_numpy(self.ct[index])[None]}
 
 
+class DenoisingPairs(Dataset):
+    """Noisy MR to MR: the pretraining control that needs no CT (``pretrain-target = "mr-denoise"``).
+
+    The input is the MR slice with fresh Gaussian noise of ``sigma`` (in units of the slice's
+    foreground median, which normalisation sets to 1) at every draw; the target is the clean slice
+    mapped from [0, 4] onto the translation network's tanh range [-1, 1], as CT is.
+
+    Args:
+        mr: float32 ``(N, H, W)`` normalised MR slices.
+        sigma: noise standard deviation.
+        seed: the noise generator's seed.
+
+    Item: ``{"mr": float32 (1, H, W) noisy input, "ct": float32 (1, H, W) the clean target}``.
+    """
+
+    def __init__(self, mr: np.ndarray, sigma: float = 0.3, seed: int = 0) -> None:
+        self.mr = np.asarray(mr, dtype=np.float32)
+        if self.mr.ndim != 3:
+            raise ValueError(f"DenoisingPairs: mr must be (N, H, W), got {self.mr.shape}")
+        self.sigma = np.float32(sigma)
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.mr)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        clean = self.mr[index]
+        noisy = clean + self.sigma * self.rng.standard_normal(clean.shape, dtype=np.float32)
+        target = np.clip(clean, 0.0, 4.0) * np.float32(0.5) - np.float32(1.0)
+        return {"mr": torch.from_numpy(noisy)[None], "ct": torch.from_numpy(target)[None]}
+
+
+def pretraining_pairs(mr: np.ndarray, ct: np.ndarray, target: str, seed: int = 0) -> Dataset:
+    """Phase 1's dataset for run-config ``pretrain-target``: MR-to-CT pairs, or noisy MR to MR."""
+    if target == "ct":
+        return PairDataset(mr, ct)
+    if target == "mr-denoise":
+        return DenoisingPairs(mr, seed=seed)
+    raise ValueError(f"unknown pretraining target {target!r}: use 'ct' or 'mr-denoise'")
+
+
 def dataset_class_indices(dataset: Dataset) -> np.ndarray:
     """Class indices (stage - 1) of every item of a staging dataset, ``(N,)`` int64.
 

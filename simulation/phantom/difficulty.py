@@ -30,6 +30,9 @@ class Difficulty:
         noise_scale: multiplies every site's MR noise.
         reader_disagreement: share of labelled hips whose label is a neighbouring stage (the
             truth, kept beside the labels, is not).
+        ct_shows_lesions: False writes every lesion tissue at fatty-marrow HU on CT (MR unchanged):
+            a lesion-blind CT, the control of the pretraining experiment (does MR-to-CT
+            pretraining help because CT shows what MR hides?). Not a difficulty of staging.
     """
 
     mr_lesion_contrast: float = 1.0
@@ -38,6 +41,7 @@ class Difficulty:
     lesion_spread: float = 0.0
     noise_scale: float = 1.0
     reader_disagreement: float = 0.0
+    ct_shows_lesions: bool = True
 
     def __post_init__(self) -> None:
         for name in ("mr_lesion_contrast", "cue_overlap", "lesion_spread", "reader_disagreement"):
@@ -50,7 +54,10 @@ class Difficulty:
             raise ValueError(f"phantom difficulty noise-scale must be in (0, 10], got {self.noise_scale}")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        knobs = asdict(self)
+        if self.ct_shows_lesions:  # the default is left out: federations written before it still match
+            del knobs["ct_shows_lesions"]
+        return knobs
 
     @classmethod
     def from_json(cls, data: dict) -> Difficulty:

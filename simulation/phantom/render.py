@@ -18,6 +18,7 @@ from simulation.phantom.tissues import (
     TISSUE_INDEX,
     MRProtocol,
     ct_values,
+    lesion_blind_ct_values,
     spin_echo_signal,
     with_lesion_contrast,
 )
@@ -154,6 +155,8 @@ class Scanner:
         ct_noise_hu: CT noise sigma in HU.
         lesion_contrast: how far lesion tissues stand out from marrow on MR (1 = their full
             contrast; see ``tissues.with_lesion_contrast``); CT is unaffected.
+        ct_shows_lesions: False renders every lesion tissue at fatty-marrow HU on CT
+            (``tissues.lesion_blind_ct_values``); MR is unaffected.
     """
 
     gain: float = 2000.0
@@ -161,6 +164,7 @@ class Scanner:
     bias: float = 0.15
     ct_noise_hu: float = 12.0
     lesion_contrast: float = 1.0
+    ct_shows_lesions: bool = True
 
 
 def bias_field(coords: Coords, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -196,6 +200,6 @@ def mr_image(
 
 def ct_image(tissue_map: TissueMap, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
     """One CT acquisition in HU with Gaussian noise: float32 ``(S, R, C)``."""
-    hu = tissue_map.render(ct_values())
+    hu = tissue_map.render(ct_values() if scanner.ct_shows_lesions else lesion_blind_ct_values())
     hu += np.float32(scanner.ct_noise_hu) * rng.standard_normal(hu.shape, dtype=np.float32)
     return hu

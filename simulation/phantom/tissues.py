@@ -145,3 +145,12 @@ def with_lesion_contrast(signal: np.ndarray, contrast: float) -> np.ndarray:
 def ct_values(tissues: tuple[Tissue, ...] = TISSUES) -> np.ndarray:
     """Hounsfield units of each tissue: float32 ``(n_tissues,)``."""
     return np.asarray([t.hu for t in tissues], dtype=np.float32)
+
+
+def lesion_blind_ct_values(tissues: tuple[Tissue, ...] = TISSUES) -> np.ndarray:
+    """``ct_values`` with every lesion tissue at fatty-marrow HU: a CT that shows no more of the
+    femoral-head lesion than MR at zero contrast (joint and acetabular changes stay)."""
+    values = ct_values(tissues)
+    for name in LESION_TISSUES:
+        values[TISSUE_INDEX[name]] = values[TISSUE_INDEX["fatty_marrow"]]
+    return values

@@ -43,8 +43,15 @@ class PatientWriter:
         cue_rng = np.random.default_rng([seed, site.index, plan.index, 5])
         self.anatomy = make_patient(rng, plan.stages, site.mean_head_radius_mm, site.difficulty, cue_rng)
         self.layers = patient_layers(self.anatomy)
-        contrast = site.difficulty.mr_lesion_contrast
-        self.scanner = Scanner(site.gain, site.noise, site.bias, site.ct_noise_hu, contrast)
+        difficulty = site.difficulty
+        self.scanner = Scanner(
+            site.gain,
+            site.noise,
+            site.bias,
+            site.ct_noise_hu,
+            difficulty.mr_lesion_contrast,
+            difficulty.ct_shows_lesions,
+        )
         # Identity: drawn in this order, then each study's time and accession from the same RNG.
         self.id_rng = np.random.default_rng([seed, site.index, plan.index, 1])
         self.sex = "M" if self.id_rng.random() < 0.7 else "F"

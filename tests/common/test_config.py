@@ -36,6 +36,10 @@ def test_pyproject_config_is_valid_and_complete():
         ({"stage-epochs": 0}, "'stage-epochs' = 0 is invalid"),
         ({"no-such-key": 1}, "unknown run config key 'no-such-key'"),
         ({"update-dtype": "int8"}, "use 'float32' or 'float16'"),
+        (
+            {"pretrain-target": "ct-blind"},
+            "'pretrain-target' = 'ct-blind' is invalid: use one of ct, mr-denoise",
+        ),
         ({"split-fractions": "0.6,0.2"}, "'split-fractions' = '0.6,0.2' is invalid: give train,val,test"),
         ({"split-fractions": "0.5,0.5,0"}, "'split-fractions' = '0.5,0.5,0' is invalid"),
         ({"split-fractions": "a,b,c"}, "'split-fractions' = 'a,b,c' is invalid"),

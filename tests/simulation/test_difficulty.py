@@ -159,6 +159,37 @@ def test_ct_shows_the_subchondral_plate_intact_at_stage_one(seed):
     assert np.max(np.abs(healthy[plate] - stage_one[plate])) < 40.0
 
 
+def test_lesion_blind_ct_writes_lesion_tissue_at_marrow_hu_and_leaves_mr_as_it_was(tmp_path):
+    """The pretraining control's CT: the same patients, the same MR files, a CT without the lesion."""
+    import dataclasses
+
+    import pydicom
+
+    from simulation.phantom.tissues import lesion_blind_ct_values
+    from simulation.synth.federation import generate_federation
+
+    blind_values = lesion_blind_ct_values()
+    for name in LESION_TISSUES:
+        assert blind_values[TISSUE_INDEX[name]] == ct_values()[TISSUE_INDEX["fatty_marrow"]]
+    others = [i for name, i in TISSUE_INDEX.items() if name not in LESION_TISSUES]
+    assert np.array_equal(blind_values[others], ct_values()[others])
+    assert "ct_shows_lesions" not in CLINICAL.to_json()  # federations written before the knob still match
+
+    folders = {}
+    for shows in (True, False):
+        folders[shows] = tmp_path / str(shows)
+        difficulty = dataclasses.replace(CLINICAL, ct_shows_lesions=shows)
+        generate_federation(
+            folders[shows], sites=1, patients=3, seed=5, size="tiny", difficulty=difficulty, workers=1
+        )
+    changed = {"MR": 0, "CT": 0}
+    for path in folders[True].rglob("*.dcm"):
+        a, b = pydicom.dcmread(path), pydicom.dcmread(folders[False] / path.relative_to(folders[True]))
+        changed[a.Modality] += not np.array_equal(a.pixel_array, b.pixel_array)
+    assert changed["MR"] == 0
+    assert changed["CT"] > 0  # the lesions' slices
+
+
 def test_the_evaluation_federation_holds_at_least_300_labelled_test_hips_at_5_sites():
     """Counted from the generator's plans and the sites' split (no image rendered): the
     evaluation federation's size is a property, not a hope."""

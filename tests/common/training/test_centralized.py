@@ -17,7 +17,7 @@ from common.config import RunConfig, load_run_config
 from common.models.factory import build_staging, build_translation
 from common.models.transfer import encoder_state_from_translation
 from common.sitedata.load import SiteData, load_site
-from common.training.centralized import evaluate_sites, main, train_two_phase
+from common.training.centralized import evaluate_sites, main, pretrain_translation, train_two_phase
 
 REPO = Path(__file__).resolve().parents[3]
 SITES = ("site-00", "site-01")
@@ -158,6 +158,29 @@ def test_train_two_phase_ablation_switches(sites, setup):
     assert lines and not any("pretraining" in line for line in lines)
     scores = evaluate_sites(net, sites)
     assert set(scores["sites"]) <= set(SITES)
+
+
+def test_pretraining_target_decides_what_phase_one_teaches(sites, setup):
+    """The pretraining control: "mr-denoise" fits the MR itself, "ct" the CT (same pairs, same budget)."""
+    from common.training.datasets import DenoisingPairs
+
+    mr, ct = (
+        np.concatenate(arrays) for arrays in zip(*(s.pair_set("train", "val") for s in sites), strict=True)
+    )
+    denoising = DenoisingPairs(mr)
+    mr_target = np.stack([denoising[i]["ct"][0].numpy() for i in range(len(mr))])
+    errors = {}
+    for target in ("ct", "mr-denoise"):
+        cfg = setup["cfg"].replace(pretrain_target=target, pretrain_rounds=10, pretrain_epochs=2)
+        state, stats = pretrain_translation(sites, cfg)
+        net = build_translation(cfg.model)
+        net.load_state_dict(state)
+        with torch.no_grad():
+            out = net.eval()(torch.from_numpy(mr[:, None])).numpy()[:, 0]
+        errors[target] = (np.abs(out - ct).mean(), np.abs(out - mr_target).mean())
+    assert errors["ct"][0] < errors["ct"][1]  # the MR-to-CT net is closer to the CT than to the MR
+    assert errors["mr-denoise"][1] < errors["mr-denoise"][0]  # and the denoiser the other way
+    assert errors["mr-denoise"][1] < errors["ct"][1] and errors["ct"][0] < errors["mr-denoise"][0]
 
 
 def _translation_state(cfg: RunConfig, seed: int) -> dict[str, torch.Tensor]:

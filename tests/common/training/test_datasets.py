@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, Subset
 
-from common.training.datasets import HipDataset, PairDataset, dataset_class_indices
+from common.training.datasets import (
+    DenoisingPairs,
+    HipDataset,
+    PairDataset,
+    dataset_class_indices,
+    pretraining_pairs,
+)
 
 
 def _hips(n=6, p=3, k=4, size=16, seed=0):
@@ -63,3 +69,25 @@ def test_class_indices_through_subset_and_concat():
     assert np.array_equal(dataset_class_indices(Subset(dataset, [2, 0])), labels[[2, 0]] - 1)
     joined = ConcatDataset([dataset, dataset])
     assert np.array_equal(dataset_class_indices(joined), np.concatenate([labels, labels]) - 1)
+
+
+def test_denoising_pairs_add_fresh_noise_to_the_input_and_map_the_clean_target_onto_tanh_range():
+    mr = np.random.default_rng(0).uniform(0.0, 6.0, size=(4, 32, 32)).astype(np.float32)
+    pairs = DenoisingPairs(mr, sigma=0.3, seed=1)
+    first, again = pairs[0], pairs[0]
+    noise = first["mr"][0].numpy() - mr[0]
+    assert abs(noise.std() - 0.3) < 0.03 and abs(noise.mean()) < 0.05
+    assert not torch.equal(first["mr"], again["mr"])  # a fresh draw each time
+    assert torch.equal(first["ct"], again["ct"])
+    target = first["ct"][0].numpy()
+    assert target.min() >= -1.0 and target.max() <= 1.0
+    assert np.allclose(target, np.clip(mr[0], 0.0, 4.0) / 2.0 - 1.0)
+
+
+def test_pretraining_pairs_follow_the_run_config_target():
+    mr = np.zeros((2, 8, 8), np.float32)
+    ct = np.ones((2, 8, 8), np.float32)
+    assert isinstance(pretraining_pairs(mr, ct, "ct"), PairDataset)
+    assert isinstance(pretraining_pairs(mr, ct, "mr-denoise"), DenoisingPairs)
+    with pytest.raises(ValueError, match="mr-denoise"):
+        pretraining_pairs(mr, ct, "ct-blind")
