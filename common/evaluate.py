@@ -3,7 +3,7 @@
 Everything runs and stays at the site. The hips are preprocessed as in training (the model's run
 config) and split as in training (the site's own salt and the run's ``split-seed``), so the
 ``test`` split is the one the federation's final test scored at this site. Reported: macro and
-per-stage AUROC (exact, scikit-learn) with 95% confidence intervals from a bootstrap that
+per-stage AUROC (exact: Mann-Whitney, equal to scikit-learn's) with 95% confidence intervals from a bootstrap that
 resamples *patients* (the two hips of a patient move together), the confusion matrix, balanced
 accuracy, calibration (expected calibration error of the predicted stage, reliability diagram PNG)
 and a breakdown by which protocols were available.
@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score
 
 from common.cli import description
 from common.predict import STAGE_NAMES, load_model
 from common.sitedata.load import SiteData, load_site
 from common.training.datasets import HipDataset
 from common.training.loops import predict_staging
+from common.training.metrics import one_vs_rest_aurocs
 
 BOOTSTRAP = 1000
 ECE_BINS = 10
@@ -72,12 +73,8 @@ def site_scores(
 
 def aurocs(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Per-stage one-vs-rest AUROC (NaN where a stage has no positive or no negative) and their mean."""
-    out = {}
-    for k, stage in enumerate(STAGE_NAMES):
-        positive = labels == k
-        out[f"auroc-stage-{stage}"] = (
-            float(roc_auc_score(positive, probs[:, k])) if 0 < positive.sum() < len(labels) else float("nan")
-        )
+    values = one_vs_rest_aurocs(probs, labels)
+    out = {f"auroc-stage-{stage}": float(values[k]) for k, stage in enumerate(STAGE_NAMES)}
     defined = [v for v in out.values() if np.isfinite(v)]
     out["macro-auroc"] = float(np.mean(defined)) if defined else float("nan")
     return out

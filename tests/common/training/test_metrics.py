@@ -10,6 +10,7 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from common.training.metrics import (
     auroc_from_histograms,
     bootstrap_macro_auroc_ci,
+    one_vs_rest_aurocs,
     score_histograms,
     staging_metrics,
     translation_metrics,
@@ -42,6 +43,18 @@ def test_staging_metrics_match_sklearn():
     low, high = metrics["macro_auroc_ci"]
     assert low < metrics["macro_auroc"] < high
     assert metrics["auroc_stages"] == [1, 2, 3, 4] and metrics["n_samples"] == 200
+
+
+@pytest.mark.parametrize("decimals", [None, 2, 1])  # continuous scores, then more and more ties
+def test_rank_aurocs_equal_sklearn_with_and_without_ties(decimals):
+    for seed in range(5):
+        probs, labels = _scores(n=150, seed=seed)
+        if decimals is not None:
+            probs = np.round(probs, decimals)
+        expected = [roc_auc_score(labels == c, probs[:, c]) for c in range(4)]
+        assert np.allclose(one_vs_rest_aurocs(probs, labels), expected, rtol=0, atol=1e-12)
+    absent = one_vs_rest_aurocs(probs, np.where(labels == 3, 0, labels))  # no stage IV
+    assert np.isnan(absent[3]) and np.isfinite(absent[:3]).all()
 
 
 def test_absent_stage_is_left_out_of_the_macro_mean():
