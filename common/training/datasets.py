@@ -89,7 +89,8 @@ class DenoisingPairs(Dataset):
 
     The input is the MR slice with fresh Gaussian noise of ``sigma`` (in units of the slice's
     foreground median, which normalisation sets to 1) at every draw; the target is the clean slice
-    mapped from [0, 4] onto the translation network's tanh range [-1, 1], as CT is.
+    mapped from [0, 4] onto the translation network's tanh range [-1, 1], as CT is. (With DataLoader
+    workers each worker draws from its own copy of the generator: noise repeats across workers.)
 
     Args:
         mr: float32 ``(N, H, W)`` normalised MR slices.
