@@ -38,7 +38,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +110,7 @@ def lesion_blind_federation() -> list[Path]:
     from simulation.phantom.difficulty import difficulty_named
     from simulation.synth.federation import generate_federation
 
-    blind = replace(difficulty_named(DIFFICULTY), ct_shows_lesions=False)
+    blind = difficulty_named(DIFFICULTY, ct_shows_lesions=False)
     data = generate_federation(
         BLIND / "federation", sites=SITES, patients=PATIENTS, seed=EVALUATION_SEED, difficulty=blind
     )

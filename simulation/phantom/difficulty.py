@@ -81,7 +81,7 @@ DIFFICULTIES: dict[str, Difficulty] = {"easy": EASY, "clinical": CLINICAL}
 CLI_DEFAULT = "clinical"
 
 
-def difficulty_named(name: str, **overrides: float) -> Difficulty:
+def difficulty_named(name: str, **overrides: float | bool | None) -> Difficulty:
     """A preset by name with some knobs replaced (``None`` values ignored).
 
     Raises:

@@ -260,9 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="0-1: MR contrast of lesion tissue against marrow (CT unchanged); overrides the preset's",
     )
+    parser.add_argument(
+        "--lesion-blind-ct",
+        action="store_true",
+        help="CT shows lesion tissue as marrow, MR unchanged: the pretraining control (docs/phantom.md)",
+    )
     args = parser.parse_args(argv)
     try:
-        difficulty = difficulty_named(args.difficulty, mr_lesion_contrast=args.mr_lesion_contrast)
+        difficulty = difficulty_named(
+            args.difficulty,
+            mr_lesion_contrast=args.mr_lesion_contrast,
+            ct_shows_lesions=False if args.lesion_blind_ct else None,
+        )
         generate_federation(
             args.out,
             args.sites,

@@ -161,12 +161,12 @@ def test_ct_shows_the_subchondral_plate_intact_at_stage_one(seed):
 
 def test_lesion_blind_ct_writes_lesion_tissue_at_marrow_hu_and_leaves_mr_as_it_was(tmp_path):
     """The pretraining control's CT: the same patients, the same MR files, a CT without the lesion."""
-    import dataclasses
 
     import pydicom
 
     from simulation.phantom.tissues import lesion_blind_ct_values
     from simulation.synth.federation import generate_federation
+    from simulation.synth.federation import main as synth_main
 
     blind_values = lesion_blind_ct_values()
     for name in LESION_TISSUES:
@@ -175,13 +175,12 @@ def test_lesion_blind_ct_writes_lesion_tissue_at_marrow_hu_and_leaves_mr_as_it_w
     assert np.array_equal(blind_values[others], ct_values()[others])
     assert "ct_shows_lesions" not in CLINICAL.to_json()  # federations written before the knob still match
 
-    folders = {}
-    for shows in (True, False):
-        folders[shows] = tmp_path / str(shows)
-        difficulty = dataclasses.replace(CLINICAL, ct_shows_lesions=shows)
-        generate_federation(
-            folders[shows], sites=1, patients=3, seed=5, size="tiny", difficulty=difficulty, workers=1
-        )
+    folders = {True: tmp_path / "ct", False: tmp_path / "lesion-blind-ct"}
+    generate_federation(
+        folders[True], sites=1, patients=3, seed=5, size="tiny", difficulty=CLINICAL, workers=1
+    )
+    argv = ["--sites", "1", "--patients", "3", "--seed", "5", "--size", "tiny", "--workers", "1"]
+    assert synth_main([*argv, "--lesion-blind-ct", str(folders[False])]) == 0
     changed = {"MR": 0, "CT": 0}
     for path in folders[True].rglob("*.dcm"):
         a, b = pydicom.dcmread(path), pydicom.dcmread(folders[False] / path.relative_to(folders[True]))
