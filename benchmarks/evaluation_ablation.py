@@ -8,8 +8,7 @@ hips, patients resampled together):
     plain VGG                  plain fusion, no pretraining              (paper: full - this = +6.8)
     + pretraining              plain fusion, MR-to-CT pretraining        (paper: +2.6, "without fusion")
     no pretraining             attention fusion, no pretraining          (paper: +4.7, "without SSL")
-    MR-to-lesion-blind-CT      pretrained on CT whose lesion tissue is at marrow HU (the same
-                               patients and MR: ``Difficulty.ct_shows_lesions = False``)
+    MR-to-lesion-blind-CT      pretrained on CT with lesion tissue at marrow HU (same patients, MR)
     MR-to-MR denoising         pretrained to denoise MR (``pretrain-target = "mr-denoise"``)
 
 The control asks whether MR-to-CT pretraining helps because CT shows what MR hides: the share of the
@@ -342,7 +341,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def _scores_path(mode: str, seed: int, variant: Variant) -> Path:
-    return SCORES / f"{mode}-seed{seed}-{variant.slug}.json"
+    return SCORES / f"{mode}-seed{seed}-{variant.slug}.json"  # hip scores: a cut run continues
 
 
 def run_seed(mode: str, seed: int, dirs: list[Path]) -> dict[str, dict]:
@@ -383,10 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     for seed in args.seeds:  # seed by seed, so that a cut run leaves whole seeds
         for mode in args.modes:
-            t0 = time.time()
+            t0, trained = time.time(), [v for v in VARIANTS if not _scores_path(mode, seed, v).is_file()]
             scores = run_seed(mode, seed, dirs)
+            if trained:  # the wall time of the run that trained them (a continued run: its part)
+                results["seconds"].setdefault(mode, {})[str(seed)] = round(time.time() - t0)
             results["summaries"].setdefault(mode, {})[str(seed)] = summarise(scores)
-            results["seconds"].setdefault(mode, {}).setdefault(str(seed), round(time.time() - t0))
             write_json(args.out, results)
     for mode in results["summaries"]:
         print(f"\n{mode}:\n{table(results, mode)}")
