@@ -251,14 +251,14 @@ def table(results: dict, mode: str) -> str:
             [
                 v.name,
                 "; ".join(f"{seed}: {_cell(r)}" for seed, r in runs.items()),
-                f"{aurocs[0]:.3f} +- {aurocs[1]:.3f}",
+                f"{aurocs[0]:.3f} +- {aurocs[1]:.3f} (n = {len(runs)})",
                 "; ".join(
                     f"{seed}: {_difference(r['full minus this'])}"
                     for seed, r in runs.items()
                     if "full minus this" in r
                 )
                 or "-",
-                "-" if gap is None else f"{gap[0]:+.1f} +- {gap[1]:.1f}",
+                "-" if gap is None else f"{gap[0]:+.1f} +- {gap[1]:.1f} (n = {len(gaps)})",
                 "-" if v.paper is None else f"{v.paper:+.1f}",
                 " / ".join(f"{x:.2f}" for x in np.mean([r["sensitivity"] for r in runs.values()], axis=0)),
             ]
