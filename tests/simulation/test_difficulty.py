@@ -229,7 +229,7 @@ def small_federations(tmp_path_factory) -> dict:
     for name in ("easy", "clinical"):
         data = generate_federation(root / name, sites=3, patients=30, seed=11, size="tiny", difficulty=name)
         loaded[name] = [
-            load_site(d, root / f"cache-{name}" / d.name, cfg.preprocess, name=d.name, workers=2)
+            load_site(d, root / f"cache-{name}" / d.name, cfg.preprocess, name=d.name)
             for d in sorted(data.glob("site-*"))
             if d.is_dir()
         ]
