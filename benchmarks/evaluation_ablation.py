@@ -114,7 +114,7 @@ def lesion_blind_federation() -> list[Path]:
         BLIND / "federation", sites=SITES, patients=PATIENTS, seed=EVALUATION_SEED, difficulty=blind
     )
     dirs = site_dirs(data)
-    cfg = variant_config(0, VARIANTS[4])
+    cfg = variant_config(0, next(v for v in VARIANTS if v.pretraining == "lesion-blind-ct"))
     for d in dirs:
         salt = Path(cfg.cache_dir) / d.name / "pseudonym.salt"
         if not salt.is_file():
