@@ -53,7 +53,7 @@ from benchmarks.evaluation import (
     evaluation_federation,
     seed_config,
 )
-from benchmarks.harness import command, machine, markdown, mean_sd, site_dirs, write_json
+from benchmarks.harness import command, delivered_federated, machine, markdown, mean_sd, site_dirs, write_json
 
 BLIND = WORK / "lesion-blind"
 SCORES = WORK / "ablation"
@@ -186,17 +186,8 @@ def run_centralized(seed: int, variants: list[Variant], dirs: list[Path], blind_
 
 def run_federated(seed: int, variant: Variant, dirs: list[Path], blind_dirs) -> dict:
     """The federated model of ``variant`` (both phases in the simulation runtime); its hip scores."""
-    from simulation.comparison import delivered_scores
-    from simulation.main_job import run_federated as federate
-
-    cfg = variant_config(seed, variant)
     sites = blind_dirs if variant.pretraining == "lesion-blind-ct" else dirs
-    if not (cfg.run_dir / "final_model.npz").is_file():
-        federate(cfg, len(sites))
-    scored = delivered_scores(cfg, sites)
-    if scored is None:
-        raise SystemExit(f"seed {seed}: no delivered model of {cfg.run_name}")
-    return scored.to_json()
+    return delivered_federated(variant_config(seed, variant), sites).to_json()
 
 
 def summarise(scores: dict[str, dict], reps: int = 1000) -> dict[str, dict]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.evaluation import budget, earlier_results, evaluation_federation, seed_config
-from benchmarks.harness import PRESETS, command, machine, markdown, mean_sd, write_json
+from benchmarks.harness import PRESETS, command, delivered_federated, machine, markdown, mean_sd, write_json
 
 
 def preset_overrides(name: str) -> dict:
@@ -39,18 +39,12 @@ def preset_overrides(name: str) -> dict:
 
 def run_strategy(seed: int, name: str, dirs: list[Path]) -> dict:
     """One federated run of preset ``name`` with training seed ``seed``, scored beside FedAvg's."""
-    from simulation.comparison import delivered_scores
-    from simulation.main_job import run_federated
-
     fedavg = seed_config(seed)
     cfg = fedavg.replace(**preset_overrides(name), run_name=f"{fedavg.run_name}-{name}")
     t0 = time.time()
-    if not (cfg.run_dir / "final_model.npz").is_file():
-        run_federated(cfg, len(dirs))
+    scored = delivered_federated(cfg, dirs)
     seconds = time.time() - t0
-    scored, baseline = delivered_scores(cfg, dirs), delivered_scores(fedavg, dirs)
-    if scored is None or baseline is None:
-        raise SystemExit(f"seed {seed}: no delivered model of {cfg.run_name} or {fedavg.run_name}")
+    baseline = delivered_federated(fedavg, dirs)
     summary = scored.summary()
     return {
         "macro-auroc": summary["macro-auroc"],

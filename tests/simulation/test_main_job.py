@@ -57,3 +57,26 @@ def test_the_table_shows_patient_level_intervals_for_every_column(simulated):
         assert f"federated minus {other}: macro AUROC" in stdout
     table = (run_dir / "comparison.md").read_text()
     assert "pooled, 95% CI (patients resampled)" in table and "balanced accuracy" in table
+
+
+@pytest.mark.slow
+def test_a_benchmark_scores_a_finished_run_without_training_it_again(simulated):
+    from benchmarks.harness import delivered_federated
+    from common.config import load_run_config
+
+    _, _, run_dir = simulated
+    work = run_dir.parents[1]
+    cfg = load_run_config(
+        ROOT / "presets" / "tiny.toml",
+        data_root=str(work / "fed"),
+        run_name="job",
+        cache_dir=str(work / ".cache" / "onfh"),
+        output_dir=str(work / "outputs"),
+    )
+    final = run_dir / "final_model.npz"
+    before = final.stat().st_mtime_ns
+    scored = delivered_federated(cfg, sorted((work / "fed").glob("site-*")))
+    assert final.stat().st_mtime_ns == before  # continued, not trained again
+    pooled = json.loads((run_dir / "comparison.json").read_text())["pooled-patient-level"]["federated"]
+    assert len(scored.labels) == pooled["hips"]
+    assert scored.summary()["macro-auroc"] == pytest.approx(pooled["macro-auroc"], abs=1e-9)
