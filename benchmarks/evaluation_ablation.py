@@ -102,13 +102,16 @@ def variant_config(seed: int, variant: Variant):
     return cfg.replace(**changes)
 
 
-def lesion_blind_federation() -> list[Path]:
+def lesion_blind_federation(evaluation_dirs: list[Path]) -> list[Path]:
     """Write (or reuse) the evaluation federation with a lesion-blind CT, preprocessed into caches
-    salted as the evaluation ones (the same patient keys, so the same hips in the same order)."""
+    salted as the evaluation ones (the same patient keys, so the same hips in the same order). The
+    evaluation federation's caches, whose salts these copy, are built first where missing."""
     from simulation.main_job import preprocess_sites
     from simulation.phantom.difficulty import difficulty_named
     from simulation.synth.federation import generate_federation
 
+    source = seed_config(0)
+    preprocess_sites(source, evaluation_dirs)  # a cache already built is only checked
     blind = difficulty_named(DIFFICULTY, ct_shows_lesions=False)
     data = generate_federation(
         BLIND / "federation", sites=SITES, patients=PATIENTS, seed=EVALUATION_SEED, difficulty=blind
@@ -119,7 +122,7 @@ def lesion_blind_federation() -> list[Path]:
         salt = Path(cfg.cache_dir) / d.name / "pseudonym.salt"
         if not salt.is_file():
             salt.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(WORK / "cache" / d.name / "pseudonym.salt", salt)
+            shutil.copy(Path(source.cache_dir) / d.name / "pseudonym.salt", salt)
     preprocess_sites(cfg, dirs)
     return dirs
 
@@ -338,7 +341,9 @@ def _scores_path(mode: str, seed: int, variant: Variant) -> Path:
 def run_seed(mode: str, seed: int, dirs: list[Path]) -> dict[str, dict]:
     """Every variant's hip scores in ``mode`` for ``seed`` (those already scored are read back)."""
     missing = [v for v in VARIANTS if not _scores_path(mode, seed, v).is_file()]
-    blind_dirs = lesion_blind_federation() if any(v.pretraining == "lesion-blind-ct" for v in missing) else []
+    blind_dirs = (
+        lesion_blind_federation(dirs) if any(v.pretraining == "lesion-blind-ct" for v in missing) else []
+    )
     if mode == "centralized" and missing:
         for slug, scores in run_centralized(seed, missing, dirs, blind_dirs).items():
             variant = next(v for v in VARIANTS if v.slug == slug)
