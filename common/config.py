@@ -20,6 +20,7 @@ from common.privacy_settings import check_privacy_settings
 from common.sitedata.settings import HipGrid, PreprocessSettings
 
 STAGES: tuple[int, ...] = (1, 2, 3, 4)  # ARCO I-IV; class index = stage - 1
+STAGE_NAMES: tuple[str, ...] = ("I", "II", "III", "IV")  # as reports write them
 
 
 # The models' own tables (common/models: ENCODER_PRESETS, FUSIONS, NORMS) hold these names with

@@ -17,13 +17,12 @@ import numpy as np
 import torch
 
 from common.cli import description
-from common.config import RunConfig
+from common.config import STAGE_NAMES, RunConfig
 from common.models.factory import build_staging
 from common.models.staging import StagingNet
 from common.sitedata.load import LABELS_FILE, SiteData, load_site
 from common.training.weights import set_shared_state
 
-STAGE_NAMES = ("I", "II", "III", "IV")
 # What the model is for, said in every output. The staging head has four outputs, the paper's ARCO
 # I-IV: it was trained and validated on hips with ONFH only, so its answer for a healthy hip is a
 # stage like any other (often confident). A fifth "no ONFH" output would be a detector, a second

@@ -37,6 +37,7 @@ from common.evaluate import (
 from common.predict import load_model
 from common.sitedata.load import SiteData, load_site
 from common.training.evaluation import stage_rates
+from common.training.metrics import adjacent_stage_aurocs
 
 Progress = Callable[[str], None]
 
@@ -70,6 +71,10 @@ class Scored:
             "hips": int(len(self.labels)),
             "patients": int(len(np.unique(self.patients))),
             **aurocs(self.probs, self.labels),
+            "adjacent-auroc": {  # does the model order neighbouring stages (None: a stage absent)
+                pair: value if np.isfinite(value) else None
+                for pair, value in adjacent_stage_aurocs(self.probs, self.labels).items()
+            },
             "ci95": patient_bootstrap(self.probs, self.labels, self.patients, reps),
             "accuracy": float((predicted == self.labels).mean()),
             "balanced-accuracy": float(np.nanmean(sensitivity)) if true.any() else float("nan"),

@@ -60,14 +60,22 @@ def radiomics_cv_auroc(sites: list[SiteData], folds: int = 5, seed: int = 0) -> 
     return float(macro_auroc(probs, y - 1))
 
 
-def radiomics_auroc(sites: list[SiteData], split: str = "val", fit_on: tuple[str, ...] = ("train",)) -> float:
-    """Pooled macro AUROC on ``split`` of a logistic regression fitted on ``fit_on`` hips of all sites."""
+def radiomics_scores(
+    sites: list[SiteData], split: str = "val", fit_on: tuple[str, ...] = ("train",)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stage probabilities ``(N, 4)`` and class indices (stage - 1) of the labelled ``split`` hips of all
+    sites, site by site in order, from a logistic regression fitted on their ``fit_on`` hips."""
     x_fit, y_fit = _pooled(sites, *fit_on)
     x_eval, y_eval = _pooled(sites, split)
     model = _model().fit(x_fit, y_fit)
     probs = np.zeros((len(y_eval), 4))
     probs[:, model.classes_ - 1] = model.predict_proba(x_eval)
-    return float(macro_auroc(probs, y_eval - 1))  # stages 1-4 -> class indices
+    return probs, y_eval - 1  # stages 1-4 -> class indices
+
+
+def radiomics_auroc(sites: list[SiteData], split: str = "val", fit_on: tuple[str, ...] = ("train",)) -> float:
+    """Pooled macro AUROC on ``split`` of a logistic regression fitted on ``fit_on`` hips of all sites."""
+    return float(macro_auroc(*radiomics_scores(sites, split, fit_on)))
 
 
 def site_prior_auroc(

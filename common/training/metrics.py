@@ -16,6 +16,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from common.config import STAGE_NAMES
 from common.training.score_bins import bin_coordinate
 
 N_CLASSES = 4  # ARCO I-IV, class index = stage - 1
@@ -47,6 +48,26 @@ def one_vs_rest_aurocs(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         n_pos, n_neg = int(positive.sum()), int((~positive).sum())
         if n_pos and n_neg:
             out[c] = (ranks[positive, c].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return out
+
+
+def adjacent_stage_aurocs(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How well the scores order each pair of neighbouring stages, among the hips of those two stages.
+
+    For stages ``a`` and ``b = a + 1``: the AUROC of ``log p_b - log p_a`` with the stage-``b`` hips
+    as positives (Hand and Till's pairwise AUROC; it reads the same from either side). 0.5 is
+    chance; below 0.5 the model orders the pair backwards, which no decision threshold mends.
+    Keys ``"I-II"``, ``"II-III"``, ``"III-IV"``; NaN where either stage is absent.
+    """
+    probs, labels = _check_staging_inputs(probs, labels)
+    log_p = np.log(np.clip(probs, 1e-300, None))
+    out = {}
+    for a in range(probs.shape[1] - 1):
+        pair = (labels == a) | (labels == a + 1)
+        score = (log_p[pair, a + 1] - log_p[pair, a])[:, None]
+        out[f"{STAGE_NAMES[a]}-{STAGE_NAMES[a + 1]}"] = float(
+            one_vs_rest_aurocs(np.hstack([-score, score]), (labels[pair] == a + 1).astype(np.int64))[1]
+        )
     return out
 
 

@@ -43,6 +43,7 @@ def test_the_table_shows_patient_level_intervals_for_every_column(simulated):
         assert figures["hips"] == results["test"]["n-hips"], name  # the same held-out hips
         assert 0 < figures["patients"] <= figures["hips"]  # patients, not hips, are resampled
         assert len(figures["sensitivity"]) == 4 and sum(map(sum, figures["confusion"])) == figures["hips"]
+        assert set(figures["adjacent-auroc"]) == {"I-II", "II-III", "III-IV"}  # neighbouring stages ordered?
         interval = figures["ci95"].get("macro-auroc")
         if interval:
             assert interval[0] <= figures["macro-auroc"] <= interval[1]

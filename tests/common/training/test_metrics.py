@@ -8,6 +8,7 @@ import torch
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from common.training.metrics import (
+    adjacent_stage_aurocs,
     auroc_from_histograms,
     bootstrap_macro_auroc_ci,
     one_vs_rest_aurocs,
@@ -55,6 +56,21 @@ def test_rank_aurocs_equal_sklearn_with_and_without_ties(decimals):
         assert np.allclose(one_vs_rest_aurocs(probs, labels), expected, rtol=0, atol=1e-12)
     absent = one_vs_rest_aurocs(probs, np.where(labels == 3, 0, labels))  # no stage IV
     assert np.isnan(absent[3]) and np.isfinite(absent[:3]).all()
+
+
+def test_adjacent_stage_aurocs_order_each_neighbouring_pair_and_show_a_backwards_one():
+    probs, labels = _scores(n=300, seed=3, signal=0.8)
+    got = adjacent_stage_aurocs(probs, labels)
+    for a, key in enumerate(("I-II", "II-III", "III-IV")):
+        pair = (labels == a) | (labels == a + 1)
+        margin = np.log(probs[pair, a + 1]) - np.log(probs[pair, a])
+        assert got[key] == pytest.approx(roc_auc_score(labels[pair] == a + 1, margin), abs=1e-12)
+        assert got[key] > 0.6  # the scores carry each stage's signal
+    swapped = probs.copy()
+    swapped[:, [0, 1]] = probs[:, [1, 0]]  # a model that mistakes stage I for II and back
+    backwards = adjacent_stage_aurocs(swapped, labels)
+    assert backwards["I-II"] == pytest.approx(1.0 - got["I-II"], abs=1e-12) and backwards["I-II"] < 0.4
+    assert np.isnan(adjacent_stage_aurocs(probs, np.where(labels == 1, 0, labels))["I-II"])  # no stage II
 
 
 def test_absent_stage_is_left_out_of_the_macro_mean():
