@@ -55,6 +55,31 @@ def validation_scores(cfg, dirs: list[Path]) -> tuple[np.ndarray, np.ndarray, np
     return np.concatenate(probs), np.concatenate(labels).astype(np.int64), np.asarray(patients)
 
 
+def centralized_validation_scores(cfg, dirs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The same budget trained centralized (the sites' training hips pooled), scored on the same
+    validation hips: probs and labels, kept beside the runs so that a second call reads them."""
+    import json
+
+    import torch
+
+    from common.evaluate import site_scores
+    from common.training.centralized import train_two_phase
+    from simulation.generalisation import site_data
+
+    saved = Path(cfg.output_dir) / f"{cfg.run_name}-centralized-val.json"
+    if not saved.is_file():
+        torch.manual_seed(cfg.seed)
+        sites = [site_data(cfg, d) for d in dirs]
+        net, _ = train_two_phase(
+            sites, cfg, progress=lambda line: print(f"      centralized: {line}", flush=True)
+        )
+        parts = [site_scores(net, site, ("val",)) for site in sites]
+        scores = {k: np.concatenate([p[k] for p in parts]).tolist() for k in ("probs", "labels")}
+        saved.write_text(json.dumps(scores))
+    scores = json.loads(saved.read_text())
+    return np.asarray(scores["probs"]), np.asarray(scores["labels"], dtype=np.int64)
+
+
 def prior_bias(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """``log(pi_c / m_c)``: the logit shift that moves the mean predicted probabilities towards the label shares."""
     shares = np.bincount(labels, minlength=probs.shape[1]) / len(labels)
@@ -142,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     preprocess_sites(cfg, dirs)
     delivered_federated(cfg, dirs)  # the run, unless it is there
     probs, labels, patients = validation_scores(cfg, dirs)
+    central, central_labels = centralized_validation_scores(cfg, dirs)
     radiomics, radiomics_labels = radiomics_scores([site_data(cfg, d) for d in dirs], "val", ("train",))
     rules = {
         rule: figures(predicted, labels) for rule, predicted in cross_fitted(probs, labels, patients).items()
@@ -153,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         "hips": int(len(labels)),
         "hips-per-stage": np.bincount(labels, minlength=4).tolist(),
         "adjacent-auroc": {k: round(v, 4) for k, v in adjacent_stage_aurocs(probs, labels).items()},
-        # The same hips under a radiomics model fitted on the training hips: does the phantom's MR order them?
+        # The same hips under the same budget trained centralized, and under a radiomics model fitted
+        # on the training hips (does the phantom's MR order the stages, whatever the network learns?)
+        "centralized-adjacent-auroc": {
+            k: round(v, 4) for k, v in adjacent_stage_aurocs(central, central_labels).items()
+        },
+        "centralized-argmax": figures(central.argmax(1), central_labels),
         "radiomics-adjacent-auroc": {
             k: round(v, 4) for k, v in adjacent_stage_aurocs(radiomics, radiomics_labels).items()
         },
@@ -163,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, results)
     print(table(rules))
     print(f"neighbouring stages ordered (pairwise AUROC): {results['adjacent-auroc']}")
+    print(
+        f"the same, centralized: {results['centralized-adjacent-auroc']}; argmax {results['centralized-argmax']}"
+    )
     print(f"the same, radiomics model: {results['radiomics-adjacent-auroc']}")
     print(f"decision rule chosen by the rule: {results['chosen']}")
     return 0
