@@ -206,6 +206,7 @@ def summarise(scores: dict[str, dict], reps: int = 1000) -> dict[str, dict]:
             "ci95": summary["ci95"]["macro-auroc"],
             "balanced-accuracy": summary["balanced-accuracy"],
             "sensitivity": summary["sensitivity"],
+            "adjacent-auroc": summary["adjacent-auroc"],
         }
         if slug != FULL.slug and FULL.slug in scored:
             out[slug]["full minus this"] = scored[FULL.slug].versus(s, reps)
@@ -382,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             scores = run_seed(mode, seed, dirs)
             if trained:  # the wall time of the run that trained them (a continued run: its part)
                 results["seconds"].setdefault(mode, {})[str(seed)] = round(time.time() - t0)
-            results["summaries"].setdefault(mode, {})[str(seed)] = summarise(scores)
+            seeds = {**results["summaries"].get(mode, {}), str(seed): summarise(scores)}
+            results["summaries"][mode] = dict(sorted(seeds.items(), key=lambda item: int(item[0])))
             write_json(args.out, results)
     for mode in results["summaries"]:
         print(f"\n{mode}:\n{table(results, mode)}")
