@@ -55,7 +55,8 @@ def adjacent_stage_aurocs(probs: np.ndarray, labels: np.ndarray) -> dict[str, fl
     """How well the scores order each pair of neighbouring stages, among the hips of those two stages.
 
     For stages ``a`` and ``b = a + 1``: the AUROC of ``log p_b - log p_a`` with the stage-``b`` hips
-    as positives (Hand and Till's pairwise AUROC; it reads the same from either side). 0.5 is
+    as positives (a pairwise AUROC after Hand and Till 2001, scored by the log-ratio of the two
+    stages' probabilities so that it reads the same from either side). 0.5 is
     chance; below 0.5 the model orders the pair backwards, which no decision threshold mends.
     Keys ``"I-II"``, ``"II-III"``, ``"III-IV"``; NaN where either stage is absent.
     """
