@@ -17,7 +17,8 @@ stays. Beside the rules: how well the model orders each pair of neighbouring sta
 (``adjacent_stage_aurocs``), which no rule can change.
 
 Usage (from the repository root; reuses ``bench_convergence``'s federation and its ``cosine-16x2``
-run, today's default schedule, and makes them first where missing, about 25 min on 2 cores):
+run, today's default schedule, and makes them first where missing; the centralized model took 45 min
+on 2 cores beside another job, and its validation scores are kept, so a second call takes a minute):
     .venv/bin/python -m benchmarks.bench_decision
 
 Writes ``benchmarks/results/decision.json``.
