@@ -40,22 +40,6 @@ RUN = "cosine-16x2"  # today's default staging schedule, as bench_convergence na
 MIN_GAIN, MIN_RECALL_II, MAX_KAPPA_LOSS = 0.02, 0.2, 0.02  # the rule in the docstring
 
 
-def validation_scores(cfg, dirs: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each site's labelled validation hips scored by the model delivered to it: probs, labels, patients."""
-    from common.evaluate import site_scores
-    from common.predict import load_model
-    from simulation.generalisation import delivered_model, site_data
-
-    probs, labels, patients = [], [], []
-    for d in dirs:
-        net, _, _ = load_model(delivered_model(cfg, d.name, cfg.run_name))
-        scored = site_scores(net, site_data(cfg, d), ("val",))
-        probs.append(scored["probs"])
-        labels.append(scored["labels"])
-        patients += [f"{d.name}/{p}" for p in scored["patients"]]
-    return np.concatenate(probs), np.concatenate(labels).astype(np.int64), np.asarray(patients)
-
-
 def centralized_validation_scores(cfg, dirs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """The same budget trained centralized (the sites' training hips pooled), scored on the same
     validation hips: probs and labels, kept beside the runs so that a second call reads them."""
@@ -63,9 +47,8 @@ def centralized_validation_scores(cfg, dirs: list[Path]) -> tuple[np.ndarray, np
 
     import torch
 
-    from common.evaluate import site_scores
     from common.training.centralized import train_two_phase
-    from simulation.generalisation import site_data
+    from simulation.generalisation import Scored, score_net, site_data
 
     saved = Path(cfg.output_dir) / f"{cfg.run_name}-centralized-val.json"
     if not saved.is_file():
@@ -74,9 +57,7 @@ def centralized_validation_scores(cfg, dirs: list[Path]) -> tuple[np.ndarray, np
         net, _ = train_two_phase(
             sites, cfg, progress=lambda line: print(f"      centralized: {line}", flush=True)
         )
-        parts = [site_scores(net, site, ("val",)) for site in sites]
-        scores = {k: np.concatenate([p[k] for p in parts]).tolist() for k in ("probs", "labels")}
-        saved.write_text(json.dumps(scores))
+        saved.write_text(json.dumps(Scored.join(score_net(net, site, "val") for site in sites).to_json()))
     scores = json.loads(saved.read_text())
     return np.asarray(scores["probs"]), np.asarray(scores["labels"], dtype=np.int64)
 
@@ -156,6 +137,7 @@ def table(rules: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from common.training.metrics import adjacent_stage_aurocs
+    from simulation.comparison import delivered_scores
     from simulation.generalisation import site_data
     from simulation.main_job import preprocess_sites
     from simulation.radiomics import radiomics_scores
@@ -167,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config(RUN, CANDIDATES[RUN])
     preprocess_sites(cfg, dirs)
     delivered_federated(cfg, dirs)  # the run, unless it is there
-    probs, labels, patients = validation_scores(cfg, dirs)
+    delivered = delivered_scores(cfg, dirs, "val")  # each site's hips, scored by the model it received
+    probs, labels, patients = delivered.probs, delivered.labels.astype(np.int64), delivered.patients
     central, central_labels = centralized_validation_scores(cfg, dirs)
     radiomics, radiomics_labels = radiomics_scores([site_data(cfg, d) for d in dirs], "val", ("train",))
     rules = {

@@ -128,17 +128,17 @@ def plot_reliability(intervals: dict[str, dict], path: Path) -> dict[str, tuple[
     return plotted
 
 
-def delivered_scores(cfg: RunConfig, site_dirs: list[Path]):
-    """Run ``cfg.run_name``'s delivered models scored on their own sites' labelled test hips, pooled
-    (a ``simulation.generalisation.Scored``); None where no site holds one."""
+def delivered_scores(cfg: RunConfig, site_dirs: list[Path], split: str = "test"):
+    """Run ``cfg.run_name``'s delivered models scored on their own sites' labelled hips of ``split``
+    (test unless told), pooled (a ``simulation.generalisation.Scored``); None where no site holds one."""
     from simulation.generalisation import Scored, delivered_model, score, site_data
 
     parts = []
     for site_dir in site_dirs:
         folder = delivered_model(cfg, site_dir.name, cfg.run_name)
         data = site_data(cfg, site_dir) if (folder / "final_model.npz").is_file() else None
-        if data is not None and len(data.staging_set("test")[2]):
-            parts.append(score(folder, data))
+        if data is not None and len(data.staging_set(split)[2]):
+            parts.append(score(folder, data, split=split))
     return Scored.join(parts) if parts else None
 
 

@@ -119,14 +119,14 @@ def site_data(cfg: RunConfig, site_dir: Path) -> SiteData:
     )
 
 
-def score_net(net: torch.nn.Module, data: SiteData) -> Scored:
-    """``net`` on ``data``'s labelled test hips."""
-    scores = site_scores(net, data, ("test",))
+def score_net(net: torch.nn.Module, data: SiteData, split: str = "test") -> Scored:
+    """``net`` on ``data``'s labelled hips of ``split`` (the test hips unless told)."""
+    scores = site_scores(net, data, (split,))
     patients = np.asarray([f"{data.name}/{p}" for p in scores["patients"]])
     return Scored(scores["probs"], scores["labels"], patients)
 
 
-def score(model_dir: Path, data: SiteData, adapt: bool = False) -> Scored:
+def score(model_dir: Path, data: SiteData, adapt: bool = False, split: str = "test") -> Scored:
     """The model of ``model_dir`` on ``data``'s labelled test hips; ``adapt``: its batch statistics
     first re-estimated on the site's train and val hips (stages not read)."""
     net, _, _ = load_model(model_dir)
@@ -134,7 +134,7 @@ def score(model_dir: Path, data: SiteData, adapt: bool = False) -> Scored:
         images, available, _ = data.staging_set("train", "val")
         adapt_batch_statistics(net, images, available)
         net.eval()
-    return score_net(net, data)
+    return score_net(net, data, split)
 
 
 def federated_model(cfg: RunConfig, sites: list[str], run_name: str) -> Path:
