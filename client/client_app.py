@@ -18,7 +18,7 @@ from client import ledger, secagg
 from client.policy import Deadline, PolicyError, PolicyRefusal, ReleaseBounds, SitePolicy
 from common.config import RunConfig, SiteConfig
 from common.records import from_record, to_record
-from common.secagg import SecAggError, encode_counts, evaluation_vector, training_vector
+from common.secagg import SecAggError, encode_counts, evaluation_scale, evaluation_vector, training_vector
 from common.updates import clip_update, update_of
 
 log = logging.getLogger("onfh.client")
@@ -224,7 +224,8 @@ def handle_evaluate(msg: Message, context: Context, overrides: dict[str, Any]) -
         return _reply(msg, context, site, metrics)
     session = str(secure["session"])
     sites = secagg.session_sites(context.state, session)
-    vector = encode_counts(evaluation_vector(phase, metrics, cfg.histogram_bins), sites)
+    scale = evaluation_scale(phase, cfg.histogram_bins)
+    vector = encode_counts(evaluation_vector(phase, metrics, cfg.histogram_bins), sites, scale)
     masked = secagg.mask(context.state, session, "evaluate", vector)
     return _reply(
         msg, context, site, {"num-examples": metrics["num-examples"]}, {"masked": masked}, masked=True

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 MODULUS_BITS = 32  # vectors are uint32: numpy's wrap-around is the arithmetic mod 2**32
 QUANT_LEVELS = 1 << 22  # quantisation levels of [-clip, clip]: a sum of up to 2**10 sites cannot wrap
-COUNT_SCALE = 1000  # fixed point of evaluation sums: counts exact, means' sums to 1e-3
+COUNT_SCALE = 1000  # fixed point of evaluation sums unless told: counts exact, means' sums to 1e-3
 LABELS = ("train", "evaluate")
 MAX_SITES = 1 << (MODULUS_BITS - 22)
 
@@ -99,24 +99,27 @@ def decode_update(total: np.ndarray, contributors: int, clip: float) -> np.ndarr
     return total.astype(np.float64) * (2.0 * clip / QUANT_LEVELS) - contributors * clip
 
 
-def encode_counts(values: np.ndarray, sites: int = 2) -> np.ndarray:
-    """Sums-to-be (counts, example-weighted metrics) as fixed point mod 2**32 (negatives wrap).
+def encode_counts(values: np.ndarray, sites: int = 2, scale: float | np.ndarray = COUNT_SCALE) -> np.ndarray:
+    """Sums-to-be (counts, example-weighted metrics) as fixed point mod 2**32 (negatives wrap):
+    ``values * scale`` rounded, ``scale`` one figure or one per value (:func:`evaluation_scale`).
 
     Each value stays within a ``sites``-th of the signed range, so that the sum over the session's
     ``sites`` cannot wrap into a wrong figure (a diverged model's MAE once summed to a negative one)."""
-    fixed = np.rint(np.asarray(values, np.float64) * COUNT_SCALE).astype(np.int64)
+    scale = np.broadcast_to(np.asarray(scale, np.float64), np.shape(values))
+    fixed = np.rint(np.asarray(values, np.float64) * scale).astype(np.int64)
     bound = (1 << (MODULUS_BITS - 1)) // max(sites, 1)
     if np.any(np.abs(fixed) >= bound):
+        worst = int(np.argmax(np.abs(fixed) / bound))
         raise SecAggError(
-            f"an evaluation sum ({float(np.max(np.abs(values))):g}) exceeds the fixed-point range of a "
-            f"session of {sites} sites (+-{bound / COUNT_SCALE:g}); this site sends none this round"
+            f"an evaluation sum ({float(np.asarray(values)[worst]):g}) exceeds the fixed-point range of a "
+            f"session of {sites} sites (+-{bound / scale[worst]:g}); this site sends none this round"
         )
     return fixed.astype(np.uint32)
 
 
-def decode_counts(total: np.ndarray) -> np.ndarray:
+def decode_counts(total: np.ndarray, scale: float | np.ndarray = COUNT_SCALE) -> np.ndarray:
     """The float sums from the sum of :func:`encode_counts` vectors (two's complement mod 2**32)."""
-    return total.astype(np.uint32).view(np.int32).astype(np.float64) / COUNT_SCALE
+    return total.astype(np.uint32).view(np.int32).astype(np.float64) / np.asarray(scale, np.float64)
 
 
 def vector_length(shapes: list[tuple[int, ...]]) -> int:
@@ -161,6 +164,19 @@ def evaluation_vector(phase: str, metrics: dict, bins: int) -> np.ndarray:
     if phase == "stage":
         return np.concatenate([[n], np.asarray(metrics["score-histogram"]), np.asarray(metrics["confusion"])])
     return np.array([n] + [n * float(metrics.get(key, 0.0)) for key in PRETRAIN_METRICS])
+
+
+# Fixed-point scales of the pretraining sums ``[n, n x mae-hu, n x psnr, n x ssim]``: each to its
+# resolution, so that thousands of validation pairs (n x MAE ~ 1e5-1e6 HU) fit a session's range.
+PRETRAIN_SCALE = (1.0, 10.0, 100.0, 1000.0)
+
+
+def evaluation_scale(phase: str, bins: int, classes: int = 4) -> np.ndarray:
+    """The fixed-point scale of each value of :func:`evaluation_vector`: staging sends counts (exact
+    at scale 1), pretraining example-weighted means (:data:`PRETRAIN_SCALE`)."""
+    if phase == "stage":
+        return np.ones(evaluation_length(phase, bins, classes))
+    return np.array(PRETRAIN_SCALE)
 
 
 def evaluation_length(phase: str, bins: int, classes: int = 4) -> int:

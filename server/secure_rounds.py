@@ -23,6 +23,7 @@ from common.secagg import (
     decode_counts,
     decode_update,
     evaluation_length,
+    evaluation_scale,
     evaluation_sums,
     training_sums,
     update_layout,
@@ -163,7 +164,8 @@ class SecureRounds:
         except SecAggError as exc:  # nothing is learned: said as such in the summary
             self._fail(server_round, step, "secure-aggregation", str(exc), action="refused")
             return _not_pooled(str(exc))
-        sums = evaluation_sums(self.state.phase, decode_counts(total), self.histogram_bins)
+        scale = evaluation_scale(self.state.phase, self.histogram_bins)
+        sums = evaluation_sums(self.state.phase, decode_counts(total, scale), self.histogram_bins)
         sites = sorted(self.state.sites.get(node, f"node-{node}") for node in masked)
         return summarise_sums(self.state.phase, sums, sites)
 

@@ -21,6 +21,9 @@ from common.secagg import (
     decode_counts,
     decode_update,
     encode_counts,
+    evaluation_scale,
+    evaluation_sums,
+    evaluation_vector,
     threshold_for,
     training_sums,
     training_vector,
@@ -138,6 +141,25 @@ def test_no_site_sends_a_count_the_sum_over_its_session_could_wrap():
         encode_counts(near_the_old_bound, sites=5)
     fits = np.array([4.0e5])
     assert decode_counts(sum(encode_counts(fits, sites=5) for _ in range(5)))[0] == pytest.approx(2.0e6)
+
+
+def test_a_large_sites_pretraining_evaluation_fits_a_sessions_range_and_decodes_to_its_means():
+    # 5000 validation pairs at an MAE of 150 HU sum to 7.5e5 HU, past the +-4.3e5 a 5-site session
+    # allowed at one scale for all: such a site refused every pretraining evaluation.
+    sites = {"a": (5000, 150.25, 24.5, 0.8125), "b": (3000, 90.0, 27.0, 0.9)}
+    scale = evaluation_scale("pretrain", bins=16)
+    vectors = [
+        evaluation_vector("pretrain", {"num-examples": n, "mae-hu": m, "psnr": p, "ssim": s}, 16)
+        for n, m, p, s in sites.values()
+    ]
+    total = sum(encode_counts(v, 5, scale) for v in vectors)
+    pooled = evaluation_sums("pretrain", decode_counts(total, scale), bins=16)
+    assert pooled["num-examples"] == 8000
+    assert pooled["mae-hu"] == pytest.approx((5000 * 150.25 + 3000 * 90.0) / 8000, abs=1e-3)
+    assert pooled["psnr"] == pytest.approx((5000 * 24.5 + 3000 * 27.0) / 8000, abs=1e-3)
+    assert pooled["ssim"] == pytest.approx((5000 * 0.8125 + 3000 * 0.9) / 8000, abs=1e-4)
+    with pytest.raises(SecAggError, match=r"session of 5 sites \(\+-4\.29497e\+07\)"):
+        encode_counts(evaluation_vector("pretrain", {"num-examples": 5e5, "mae-hu": 100.0}, 16), 5, scale)
 
 
 def test_a_site_dropping_after_masking_leaves_the_sum_of_the_rest():
