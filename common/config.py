@@ -93,6 +93,7 @@ class TrainConfig:
         amp: mixed precision (bf16, or fp16 with a GradScaler) on CUDA; ignored on CPU.
         num_workers: DataLoader worker processes (0 = load in the training process).
         proximal_mu: FedProx coefficient; > 0 adds ``mu/2 * ||w - w_ref||^2``.
+        ordinal_weight: weight of the staging loss's ordinal terms (``common.training.losses``).
         select_on_val: with a validation set, keep the weights of the epoch with the best
             validation macro AUROC (ties and undefined AUROC broken by lower validation loss).
     """
@@ -108,21 +109,16 @@ class TrainConfig:
     amp: bool = True
     num_workers: int = 0
     proximal_mu: float = 0.0
+    ordinal_weight: float = 0.0
     select_on_val: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"TrainConfig needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
-            )
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError(
-                f"TrainConfig needs batch_size >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}"
-            )
-        if self.proximal_mu < 0:
-            raise ValueError(f"TrainConfig.proximal_mu must be >= 0, got {self.proximal_mu}")
+        lowest = {"epochs": 1, "batch_size": 1, "num_workers": 0, "weight_decay": 0, "proximal_mu": 0}
+        for key, low in {**lowest, "ordinal_weight": 0}.items():
+            if not getattr(self, key) >= low:
+                raise ValueError(f"TrainConfig.{key} must be >= {low}, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
 
 
 PRETRAIN_TARGETS = ("ct", "mr-denoise")  # phase 1's target: RunConfig.pretrain_target
@@ -197,6 +193,8 @@ class RunConfig:
     # "constant", or "cosine": each federated round's local learning rate decays from stage-lr to
     # a tenth of it over stage-rounds (late rounds move the global model less: fewer swings)
     stage_lr_schedule: str = "cosine"
+    # Weight of the ordinal terms added to the staging cross entropy (common/training/losses.py); 0: off
+    stage_ordinal_weight: float = 0.0
     # Hips per staging step (pretraining uses at least 16 pairs). Small on purpose: a site holds
     # 15-25 labelled training hips, so a round of 4 epochs is only a few steps, and FedAvg moves
     # the model about one site's steps per round; 4 doubles the steps at equal compute.
@@ -226,7 +224,8 @@ class RunConfig:
         if self.update_dtype not in ("float32", "float16"):
             bad("update-dtype", self.update_dtype, "use 'float32' or 'float16'")
         counts = ("pretrain_epochs", "stage_epochs", "batch_size", "min_sites", "histogram_bins")
-        for key, low in {"pretrain_rounds": 0, "stage_rounds": 0, **dict.fromkeys(counts, 1)}.items():
+        zero = ("pretrain_rounds", "stage_rounds", "stage_ordinal_weight")
+        for key, low in {**dict.fromkeys(zero, 0), **dict.fromkeys(counts, 1)}.items():
             if getattr(self, key) < low:
                 bad(key.replace("_", "-"), getattr(self, key), f"use a number >= {low}")
         if not 0.0 <= self.trimmed_beta < 0.5:
@@ -335,6 +334,7 @@ class RunConfig:
             seed=round_seed,
             device=self.device,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
+            ordinal_weight=self.stage_ordinal_weight,
             select_on_val=False,
         )
 

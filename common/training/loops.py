@@ -17,6 +17,7 @@ from common.models.translation import TranslationLoss
 from common.training.augmentation import BatchAugmentation
 from common.training.datasets import dataset_class_indices
 from common.training.device import autocast_context, grad_scaler, seed_everything, select_device
+from common.training.losses import StagingLoss
 from common.training.metrics import macro_auroc, translation_metrics
 
 Progress = Callable[[str], None]
@@ -286,7 +287,7 @@ def train_staging(
     """Fine-tune the staging network in place on ``train_ds`` (a ``HipDataset``).
 
     Cross entropy, class-weighted by ``staging_class_weights`` of the training labels when
-    ``cfg.class_weighted``; FedProx term when ``cfg.proximal_mu > 0`` (anchor
+    ``cfg.class_weighted``, with ordinal terms when ``cfg.ordinal_weight > 0`` (``StagingLoss``); FedProx term when ``cfg.proximal_mu > 0`` (anchor
     ``reference_state``, or the starting weights if None). With ``val_ds`` the validation
     macro AUROC (and loss) is computed after every epoch; with ``cfg.select_on_val`` the best
     epoch's weights (state dict, BatchNorm statistics included) are restored at the end.
@@ -302,7 +303,7 @@ def train_staging(
     device = select_device(cfg.device)
     net.to(device).train()
     class_weights = _class_weights(net, train_ds, cfg.class_weighted)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights.to(device))
+    loss_fn = StagingLoss(class_weights, cfg.ordinal_weight).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = grad_scaler(device, cfg.amp)
     reference = reference_parameters(net, reference_state, device) if cfg.proximal_mu > 0 else None
