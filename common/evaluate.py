@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +102,10 @@ def patient_bootstrap(
     return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
 
 
+def macro(probs: np.ndarray, labels: np.ndarray) -> float:
+    return aurocs(probs, labels)["macro-auroc"]
+
+
 def paired_bootstrap(
     a: np.ndarray,
     b: np.ndarray,
@@ -109,19 +113,17 @@ def paired_bootstrap(
     patients: np.ndarray,
     reps: int = BOOTSTRAP,
     seed: int = 0,
+    statistic: Callable[[np.ndarray, np.ndarray], float] = macro,
 ) -> dict[str, float]:
-    """Macro AUROC of scores ``a`` minus that of ``b`` on the same hips: the difference, its 95%
-    interval from resampling patients (both models see the same draw), and a two-sided bootstrap
-    p-value (twice the smaller share of draws on either side of zero)."""
+    """``statistic`` (macro AUROC unless told) of scores ``a`` minus that of ``b`` on the same hips:
+    the difference, its 95% interval from resampling patients (both models see the same draw), and
+    a two-sided bootstrap p-value (twice the smaller share of draws on either side of zero)."""
     draws = []
     for picked in patient_draws(patients, reps, seed):
-        d = (
-            aurocs(a[picked], labels[picked])["macro-auroc"]
-            - aurocs(b[picked], labels[picked])["macro-auroc"]
-        )
+        d = statistic(a[picked], labels[picked]) - statistic(b[picked], labels[picked])
         if np.isfinite(d):
             draws.append(d)
-    diff = aurocs(a, labels)["macro-auroc"] - aurocs(b, labels)["macro-auroc"]
+    diff = statistic(a, labels) - statistic(b, labels)
     d = np.asarray(draws)
     p = min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())) if len(d) else float("nan")
     low, high = np.percentile(d, [2.5, 97.5]) if len(d) else (float("nan"),) * 2

@@ -88,13 +88,15 @@ class Scored:
             "confusion": confusion.tolist(),
         }
 
-    def versus(self, other: Scored, reps: int = 1000) -> dict:
-        """Paired comparison on the same hips (``self`` minus ``other``), patients resampled."""
+    def versus(self, other: Scored, reps: int = 1000, statistic: Callable | None = None) -> dict:
+        """Paired comparison on the same hips (``self`` minus ``other``), patients resampled, of the
+        macro AUROC or of ``statistic(probs, labels)``."""
         if not np.array_equal(self.patients, other.patients) or not np.array_equal(self.labels, other.labels):
             raise ValueError(
                 "a paired comparison needs both models scored on the same hips, in the same order"
             )
-        return paired_bootstrap(self.probs, other.probs, self.labels, self.patients, reps)
+        chosen = {"statistic": statistic} if statistic is not None else {}
+        return paired_bootstrap(self.probs, other.probs, self.labels, self.patients, reps, **chosen)
 
     def to_json(self) -> dict:
         return {

@@ -173,6 +173,34 @@ def test_the_gate_fails_closed_and_keeps_signature_checks(tmp_path):
     assert seen["truthy"] is True and seen["entities"] == {"key": "ssh-ed25519 X"}  # Flower still checks them
 
 
+def test_an_idle_supernode_asks_again_promptly_and_flowers_loop_only_sleeps_when_nothing_came(tmp_path):
+    # Flower's real pull, with a SuperLink that has nothing twice and then a message: the prompt
+    # wrapper hands Flower the message after two short waits, not after two of Flower's 3-s sleeps.
+    asked = []
+    real = flower_supernode._pull_and_store_message
+
+    def pull(**kwargs):
+        receive = kwargs["receive"]
+        kwargs["receive"] = lambda: asked.append(time.monotonic()) or (receive() if len(asked) > 2 else None)
+        return real(**kwargs)
+
+    bundle = build_fab_from_disk(stage_app(PROJECT_ROOT, tmp_path / "app"))
+    t0 = time.monotonic()
+    state, _ = _pull_once(supernode_gate.prompt(pull, interval=0.05), bundle)
+    assert len(asked) == 3 and time.monotonic() - t0 < 1.0
+    assert state.get_run(42) is not None  # the message of run 42 was stored as Flower stores it
+    idle = supernode_gate.prompt(lambda: None, interval=0.05, patience=0.2)
+    t0 = time.monotonic()
+    assert idle() is None and 0.2 <= time.monotonic() - t0 < 1.0  # then Flower's own sleep takes over
+    # What the wrapper relies on: an empty pull makes Flower's loop sleep and pull again, nothing else.
+    loop = inspect.getsource(flower_supernode.start_client_internal)
+    assert (
+        "if run_id is None:" in loop
+        and loop.split("if run_id is None:")[1].split("continue")[0].count("\n") <= 4
+        and "time.sleep(3)" in loop.split("if run_id is None:")[1].split("continue")[0]
+    )
+
+
 def _kit(root: Path) -> Path:
     kit = root / "kit"
     kit.mkdir()
