@@ -10,7 +10,7 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-REPLY_POLL_S = 0.25  # one small pull request to the SuperLink per interval while replies are due
+REPLY_POLL_S = 0.1  # as Flower's simulation grid: one small request to the SuperLink while replies are due
 
 
 class PromptGrid(Grid):

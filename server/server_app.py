@@ -24,7 +24,7 @@ def make_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
         logging.getLogger("onfh").setLevel(logging.INFO)
         cfg = RunConfig.from_dict({**dict(context.run_config), **(overrides or {})})
         try:
-            run_federation(PromptGrid(grid), cfg)  # replies every 0.25 s, not Flower's 3 s
+            run_federation(PromptGrid(grid), cfg)  # replies every 0.1 s, not Flower's 3 s
         except Exception:
             log.exception("the federated run stopped")  # Flower's runtime would otherwise hide it
             raise
