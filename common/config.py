@@ -157,7 +157,7 @@ class RunConfig:
     norm: str = "batch"
     # Federation
     strategy: str = "fedavg"
-    fedbn: bool = False
+    fedbn: bool = True  # FedBN: chosen on tuning seed 101 (docs/benchmarks.md, "Stage I against II")
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     # FedTrimmedAvg trims int(beta x n) replies at each end: 0.25 trims one of four sites.

@@ -103,7 +103,7 @@ def test_epsilon_is_finite_grows_with_rounds_and_matches_the_accountant():
             "'secure-aggregation' = True is invalid: .*strategy 'krum' cannot use; use strategy",
         ),
         ({"secagg-clip-range": 0}, "'secagg-clip-range' = 0.0 is invalid: use a positive bound"),
-        ({"dp-noise-multiplier": 1}, "'norm' = 'batch' is invalid: .*set fedbn = true"),
+        ({"dp-noise-multiplier": 1, "fedbn": False}, "'norm' = 'batch' is invalid: .*set fedbn = true"),
     ],
 )
 def test_invalid_dp_settings_are_refused_naming_the_key(raw, message):
