@@ -80,10 +80,14 @@ SCHEDULES = tuple(name for name in CANDIDATES if name not in SERVER_OPTIMISERS)
 
 
 def federation() -> list[Path]:
+    """The tuning federation's site folders, written (or reused) and their caches filled."""
+    from simulation.main_job import preprocess_sites
     from simulation.synth.federation import generate_federation
 
     generate_federation(WORK / "federation", sites=SITES, patients=PATIENTS, seed=SEED, difficulty="clinical")
-    return site_dirs(WORK / "federation")
+    dirs = site_dirs(WORK / "federation")
+    preprocess_sites(config("preprocess", {}), dirs)
+    return dirs
 
 
 def config(name: str, overrides: dict):
@@ -184,8 +188,6 @@ def plot(runs: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulation.main_job import preprocess_sites
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/convergence.json"))
@@ -193,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_progress()
     dirs = federation()
-    preprocess_sites(config("preprocess", {}), dirs)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results = {
         "command": command("bench_convergence", argv),

@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     from common.training.metrics import adjacent_stage_aurocs
     from simulation.comparison import delivered_scores
     from simulation.generalisation import site_data
-    from simulation.main_job import preprocess_sites
     from simulation.radiomics import radiomics_scores
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -147,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dirs = federation()
     cfg = config(RUN, CANDIDATES[RUN])
-    preprocess_sites(cfg, dirs)
     delivered_federated(cfg, dirs)  # the run, unless it is there
     delivered = delivered_scores(cfg, dirs, "val")  # each site's hips, scored by the model it received
     probs, labels, patients = delivered.probs, delivered.labels.astype(np.int64), delivered.patients

@@ -154,15 +154,12 @@ def plot(runs: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulation.main_job import preprocess_sites
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stage_order.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/stage_order.png"))
     args = parser.parse_args(argv)
     dirs = federation()
-    preprocess_sites(config("preprocess", {}), dirs)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results = {
         "command": command("bench_stage_order", argv),
