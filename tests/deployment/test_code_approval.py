@@ -12,7 +12,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from client import approval, daemon
 from common.deployment import flower_executable, flwr_env, flwr_executable, stop_process_tree
 from common.release import stage_app
-from tests.deployment.test_end_to_end import _wait_for
+from tests.deployment.test_end_to_end import _free_port, _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -103,12 +102,6 @@ clientapp = "gatetest.client:app"
 
 [tool.flwr.app.config]
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _certificate(subject: str, key, issuer_key, issuer: x509.Name | None, ca: bool) -> x509.Certificate:

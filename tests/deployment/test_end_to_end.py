@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -28,9 +29,25 @@ TINY = PROJECT / "presets" / "tiny.toml"
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port whose next port is free too (a server's admin door is its site port + 1),
+    drawn below the kernel's ephemeral range: a port the kernel hands out (bind to 0) can be taken
+    by any outgoing connection before the process that is meant to listen on it starts."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low, high = (20000, ephemeral - 1) if ephemeral > 21000 else (1024, 65000)  # the latter: odd kernels
+    draw = random.SystemRandom()
+    for _ in range(100):
+        port = draw.randrange(low, high)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no two free neighbouring loopback ports in {low}-{high}")
 
 
 class Processes:

@@ -14,12 +14,7 @@ import pytest
 from client import daemon as site_daemon
 from server.daemon import ServerDaemon, ServerKit
 from tests.deployment.kits import make_federation
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.deployment.test_end_to_end import _free_port
 
 
 class _Endpoint:
