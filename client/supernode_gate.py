@@ -121,8 +121,9 @@ def install(approved: Path, refused_dir: Path | None, poll_interval: float = 0.5
     is created, so no ClientApp process ever gets the bundle (which would put it first on
     ``sys.path``). Later hooks (the ClientApp, ``flower-superexec``) come too late; Flower's
     signature check covers only Flower Hub bundles. The same wrapper asks again every
-    ``poll_interval`` seconds while nothing is due (:func:`prompt`). ``start_client_internal`` looks the function up
-    in its module at each call, so replacing the module attribute takes effect.
+    ``poll_interval`` seconds while nothing is due (:func:`prompt`). ``start_client_internal``
+    looks the function up in its module at each call, so replacing the module attribute takes
+    effect.
     tests/client/test_approval.py fails loudly if a Flower upgrade moves any of this.
     """
     import flwr.supernode.start_client_internal as supernode

@@ -287,10 +287,11 @@ def train_staging(
     """Fine-tune the staging network in place on ``train_ds`` (a ``HipDataset``).
 
     Cross entropy, class-weighted by ``staging_class_weights`` of the training labels when
-    ``cfg.class_weighted``, with ordinal terms when ``cfg.ordinal_weight > 0`` (``StagingLoss``); FedProx term when ``cfg.proximal_mu > 0`` (anchor
-    ``reference_state``, or the starting weights if None). With ``val_ds`` the validation
-    macro AUROC (and loss) is computed after every epoch; with ``cfg.select_on_val`` the best
-    epoch's weights (state dict, BatchNorm statistics included) are restored at the end.
+    ``cfg.class_weighted``, with ordinal terms when ``cfg.ordinal_weight > 0`` (``StagingLoss``);
+    FedProx term when ``cfg.proximal_mu > 0`` (anchor ``reference_state``, or the starting weights
+    if None). With ``val_ds`` the validation macro AUROC (and loss) is computed after every epoch;
+    with ``cfg.select_on_val`` the best epoch's weights (state dict, BatchNorm statistics
+    included) are restored at the end.
 
     Returns:
         ``{"loss", "accuracy" (last epoch, on augmented training batches), "loss_per_epoch",
