@@ -137,7 +137,6 @@ def table(rules: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from common.training.metrics import adjacent_stage_aurocs
-    from simulation.comparison import delivered_scores
     from simulation.generalisation import site_data
     from simulation.radiomics import radiomics_scores
 
@@ -146,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dirs = federation()
     cfg = config(RUN, CANDIDATES[RUN])
-    delivered_federated(cfg, dirs)  # the run, unless it is there
-    delivered = delivered_scores(cfg, dirs, "val")  # each site's hips, scored by the model it received
+    delivered = delivered_federated(cfg, dirs, "val")  # the run unless it is there; each site's hips
     probs, labels, patients = delivered.probs, delivered.labels.astype(np.int64), delivered.patients
     central, central_labels = centralized_validation_scores(cfg, dirs)
     radiomics, radiomics_labels = radiomics_scores([site_data(cfg, d) for d in dirs], "val", ("train",))

@@ -62,13 +62,11 @@ def measure(name: str, dirs: list[Path], default_scores):
     """One candidate's run (made unless there), scored on the validation hips: (figures, scores)."""
     from common.evaluate import macro
     from common.training.metrics import adjacent_stage_aurocs
-    from simulation.comparison import delivered_scores
 
     cfg = config(name, {**SCHEDULES[DEFAULT], **CANDIDATES[name]})
     trained, t0 = not (cfg.run_dir / "final_model.npz").is_file(), time.time()
-    delivered_federated(cfg, dirs)  # trains unless the run's final model is there
+    scored = delivered_federated(cfg, dirs, "val")  # trains unless the run's final model is there
     seconds = time.time() - t0  # only meaningful when this call trained it
-    scored = delivered_scores(cfg, dirs, "val")
     labels = scored.labels.astype(np.int64)
     predicted = scored.probs.argmax(1)
     rounds = summarise(staging_rounds(cfg.run_dir), seconds)  # per-round validation figures
@@ -168,11 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": CANDIDATES,
         "runs": previous.get("runs", {}),
     }
-    _, default_scores = measure(DEFAULT, dirs, None)  # scored again: its scores pair the others
-    for name in dict.fromkeys([DEFAULT, *args.candidates]):
+    default_figures, default_scores = measure(DEFAULT, dirs, None)  # its scores pair the others'
+    results["runs"].setdefault(DEFAULT, default_figures)
+    for name in args.candidates:
         if name in results["runs"]:
             continue  # a cut run continues where it stopped
-        figures, _ = measure(name, dirs, None if name == DEFAULT else default_scores)
+        figures, _ = measure(name, dirs, default_scores)
         results["runs"][name] = figures
         write_json(args.out, results)
         print(f"{name}: {figures}", flush=True)

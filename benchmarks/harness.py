@@ -123,16 +123,16 @@ def run_fresh(cfg, n_sites: int) -> tuple[dict, float]:
     return results, time.time() - t0
 
 
-def delivered_federated(cfg, dirs: list[Path]):
-    """The models a federated run of ``cfg`` delivered to the sites, scored on their test hips
-    (``simulation.comparison.Scored``). The run is made first unless its final model is there, so a
-    cut benchmark continues where it stopped."""
+def delivered_federated(cfg, dirs: list[Path], split: str = "test"):
+    """The models a federated run of ``cfg`` delivered to the sites, scored on their hips of ``split``
+    (test unless told; ``simulation.comparison.Scored``). The run is made first unless its final
+    model is there, so a cut benchmark continues where it stopped."""
     from simulation.comparison import delivered_scores
     from simulation.main_job import run_federated
 
     if not (cfg.run_dir / "final_model.npz").is_file():
         run_federated(cfg, len(dirs))
-    scored = delivered_scores(cfg, dirs)
+    scored = delivered_scores(cfg, dirs, split)
     if scored is None:
         raise SystemExit(
             f"no model of run {cfg.run_name} was delivered to the sites (looked beside {dirs[0]})"
